@@ -1,0 +1,32 @@
+# Plain runner. `make study` runs the whole study and builds the book; `make test` runs the tests.
+# Both create .venv from the pinned requirements on first use.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: study test setup browser clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -r requirements.txt
+	$(BIN)/pip install --no-deps -e .
+	touch $(STAMP)
+
+# Headless Chromium (Debian) checks the rendered book in the tests.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium missing: sudo apt-get install chromium (the book test will be skipped)"; fi; }
+
+study: $(STAMP)
+	$(BIN)/dcmfg study run
+
+test: $(STAMP) browser
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest
+
+clean:
+	rm -rf book/_build
