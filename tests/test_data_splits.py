@@ -111,3 +111,21 @@ def test_splits_work_for_any_dataset_size():
     for protocol in PROTOCOLS:
         size = 2 if protocol == "class_balanced" else 0.25
         _check_invariants(make_split(tiny, protocol, query=size, seed=0), 20)
+
+
+def test_grouped_rows_stay_together(syn):
+    """Rows sharing an image (several captions) land in one part; sizes count groups."""
+    import dataclasses
+
+    grouped = dataclasses.replace(syn, groups=np.arange(len(syn)) // 3)  # 100 groups of 3 rows
+    for protocol in ("random", "dcmht", "dcmh"):
+        s = make_split(grouped, protocol, query=20, train=50, val=10, seed=0)
+        _check_invariants(s, len(syn))
+        assert s.sizes() == {"query": 60, "database": 240, "train": 120, "val": 30}
+        for a in ("query", "train", "val"):
+            for b in ("query", "train", "val"):
+                if a != b:
+                    assert not set(grouped.groups[s[a]]) & set(grouped.groups[s[b]])
+        assert not set(grouped.groups[s["query"]]) & set(grouped.groups[s["database"]])
+    with pytest.raises(DatasetError, match=r"query=200.*100 groups"):
+        make_split(grouped, query=200)

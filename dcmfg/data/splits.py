@@ -88,6 +88,21 @@ def _class_balanced(labels: np.ndarray, names: list[str], candidates: np.ndarray
     return candidates[chosen]
 
 
+def _units(dataset: CrossModalDataset) -> tuple[np.ndarray, np.ndarray]:
+    """(unit index of each row, unit labels): units are rows, or caption groups in order of first appearance."""
+    n = len(dataset)
+    if dataset.groups is None:
+        return np.arange(n, dtype=np.int64), dataset.labels
+    g = np.asarray(dataset.groups, dtype=np.int64)
+    _, first, inverse = np.unique(g, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    unit_of_row = rank[inverse.reshape(-1)]
+    unit_labels = np.zeros((len(first), dataset.labels.shape[1]), dtype=np.uint8)
+    np.maximum.at(unit_labels, unit_of_row, dataset.labels)
+    return unit_of_row, unit_labels
+
+
 def make_split(
     dataset: CrossModalDataset,
     protocol: str = "random",
@@ -102,17 +117,20 @@ def make_split(
     """
     if protocol not in PROTOCOLS:
         raise DatasetError(f"unknown split protocol {protocol!r}; available: {', '.join(PROTOCOLS)}")
-    n = len(dataset)
+    # Rows that share an image (several captions) are drawn as one unit, so a query's siblings never sit in the
+    # database or in training; sizes then count groups (images).
+    unit_of_row, unit_labels = _units(dataset)
+    n = len(unit_labels)
     all_idx = np.arange(n, dtype=np.int64)
     rng = np.random.default_rng(seed)
-    what = f"{dataset.name} ({n} items)"
+    what = f"{dataset.name} ({n} {'items' if dataset.groups is None else 'groups'})"
 
     if protocol == "class_balanced":
         if query is None:
             raise DatasetError("class_balanced: a per-class query size is required")
-        q_idx = _class_balanced(dataset.labels, dataset.label_names, all_idx, query, rng, "query")
+        q_idx = _class_balanced(unit_labels, dataset.label_names, all_idx, query, rng, "query")
         database = np.setdiff1d(all_idx, q_idx)
-        pool = database if train is None else _class_balanced(dataset.labels, dataset.label_names, database, train, rng, "train")
+        pool = database if train is None else _class_balanced(unit_labels, dataset.label_names, database, train, rng, "train")
     else:
         n_query = _count(query, n, "query", what)
         if protocol == "dcmh":  # fixed slices: query = first rows, train = the next rows
@@ -129,10 +147,8 @@ def make_split(
         pool = order[n_query : n_query + n_train]
     train_idx, val_idx = _carve_val(np.asarray(pool, dtype=np.int64), val, rng)
     parts = {
-        "query": np.sort(q_idx).astype(np.int64),
-        "database": np.sort(database).astype(np.int64),
-        "train": np.sort(train_idx).astype(np.int64),
-        "val": np.sort(val_idx).astype(np.int64),
+        name: np.flatnonzero(np.isin(unit_of_row, units)).astype(np.int64)
+        for name, units in (("query", q_idx), ("database", database), ("train", train_idx), ("val", val_idx))
     }
     return Split(
         protocol=protocol,
@@ -141,8 +157,8 @@ def make_split(
         fingerprint=dataset.fingerprint(),
         parts=parts,
         ids={name: [dataset.ids[i] for i in idx] for name, idx in parts.items()},
-        n_items=n,
-        requested={"query": query, "train": train, "val": val},
+        n_items=len(dataset),
+        requested={"query": query, "train": train, "val": val, "unit": "row" if dataset.groups is None else "group"},
     )
 
 
