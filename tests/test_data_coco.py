@@ -11,13 +11,12 @@ import torch
 from PIL import Image
 
 from dcmfg.data import DatasetError, LayoutError, load_dataset
+from dcmfg.data.splits import make_split
 from dcmfg.data.mscoco import (
-    expand_captions,
     group_exclusion_mask,
     group_representatives,
     looks_like_coco,
     rows_of_groups,
-    split_by_group,
 )
 
 # Category list deliberately not sorted by id, with gaps: column order must follow the file, not the ids.
@@ -198,20 +197,23 @@ def test_group_exclusion_mask():
     assert not group_exclusion_mask(q, torch.tensor([0, 1])).any()
 
 
-def test_split_by_group_never_straddles():
-    _, _, _, groups = expand_captions([str(i) for i in range(50)], [["a"] * (1 + i % 5) for i in range(50)], "all")
-    s = split_by_group(groups, query=10, train=20, val=0.25, seed=3)
-    gq, gt, gv, gd = (set(groups[s[k]]) for k in ("query", "train", "val", "database"))
-    assert len(gq) == 10 and len(gt) == 15 and len(gv) == 5
-    assert not gq & gd and not gq & gt and not gq & gv and not gt & gv
-    assert gt | gv <= gd and len(gq) + len(gd) == 50
-    # Every row of a chosen group comes along.
-    for k in s:
-        np.testing.assert_array_equal(s[k], rows_of_groups(groups, list(set(groups[s[k]]))))
-    s2 = split_by_group(groups, query=10, train=20, val=0.25, seed=3)
-    assert all((s[k] == s2[k]).all() for k in s)
-    assert not np.array_equal(split_by_group(groups, 10, 20, 5, seed=4)["query"], s["query"])
-    plain = split_by_group(None, query=3, train=4, val=1, n=10, seed=0)
-    assert len(plain["query"]) == 3 and len(plain["database"]) == 7
-    with pytest.raises(DatasetError, match="exceed"):
-        split_by_group(groups, query=40, train=20)
+def test_splits_are_made_by_group(tmp_path):
+    """make_split on a captions="all" COCO set: sizes count images and siblings never straddle parts."""
+    root = tmp_path / "c"
+    many = [{"id": 100 + i, "caps": [f"caption {k} of {i}" for k in range(1 + i % 4)], "cats": [[1], [3, 17], [18]][i % 3]}
+            for i in range(30)]
+    _write_split(root, "train", many)
+    ds = load_dataset("mscoco", root, captions="all")
+    assert len(np.unique(ds.groups)) == 30 and len(ds) > 30
+    s = make_split(ds, "random", query=6, train=16, val=4, seed=1)
+    g = {k: set(ds.groups[s[k]].tolist()) for k in ("query", "database", "train", "val")}
+    assert len(g["query"]) == 6 and len(g["train"]) == 12 and len(g["val"]) == 4
+    assert not g["query"] & g["database"] and len(g["query"]) + len(g["database"]) == 30
+    assert not g["train"] & g["val"] and (g["train"] | g["val"]) <= g["database"]
+    for k in ("query", "database", "train", "val"):
+        np.testing.assert_array_equal(s[k], rows_of_groups(ds.groups, sorted(g[k])))
+    # Hence the exclusion mask between query and database is empty; against the full set it is not.
+    assert not group_exclusion_mask(ds.groups[s["query"]], ds.groups[s["database"]]).any()
+    full = group_exclusion_mask(ds.groups[s["query"]], ds.groups)
+    sizes = np.bincount(ds.groups)
+    np.testing.assert_array_equal(full.sum(1).numpy(), sizes[ds.groups[s["query"]]])  # itself + its siblings

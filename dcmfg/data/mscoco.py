@@ -23,9 +23,9 @@ Captions (`captions=`):
   `CrossModalDataset.groups` (the image's row order, 0..n_images-1), and ids read "<image_id>#<k>".
 
 The retrieval protocol for grouped rows (what we chose, and why):
-1. Splits are drawn by group (`split_by_group`, or any protocol drawn over `group_ids` and expanded with
-   `rows_of_groups`): an image and all its captions land in the same part, so a query's siblings are never in
-   the database. Otherwise an image query would find its own captions (near-duplicates of its pair) at the top and
+1. Splits are drawn by group (`dcmfg.data.splits.make_split` draws every protocol over groups when
+   `dataset.groups` is set, and sizes then count images): an image and all its captions land in the same part, so
+   a query's siblings are never in the database. Otherwise an image query would find its own captions (near-duplicates of its pair) at the top and
    the number would measure pair memorisation, not label-level retrieval.
 2. Relevance is the usual one (share >= 1 label); siblings share every label, so an image and its captions act as
    one item for relevance.
@@ -79,14 +79,6 @@ def expand_captions(
     return row_ids, texts, item, item.copy()
 
 
-def _groups_or_rows(groups: np.ndarray | None, n: int | None = None) -> np.ndarray:
-    if groups is None:
-        if n is None:
-            raise ValueError("groups is None and no row count given")
-        return np.arange(n, dtype=np.int64)
-    return np.asarray(groups, dtype=np.int64)
-
-
 def group_ids(groups: np.ndarray) -> np.ndarray:
     """The distinct group ids, in order of first appearance."""
     g = np.asarray(groups, dtype=np.int64)
@@ -122,46 +114,6 @@ def group_exclusion_mask(query_groups, database_groups):
     q = torch.as_tensor(np.asarray(query_groups, dtype=np.int64))
     d = torch.as_tensor(np.asarray(database_groups, dtype=np.int64))
     return q[:, None] == d[None, :]
-
-
-def split_by_group(
-    groups: np.ndarray | None,
-    query: int,
-    train: int,
-    val: int | float = 0.1,
-    seed: int = 0,
-    n: int | None = None,
-) -> dict[str, np.ndarray]:
-    """A seeded random split (dcmht / random protocols) drawn over groups, returned as row indices.
-
-    Counts are in groups (images): `query` groups, then `train` groups from the rest, of which `val` (a count, or a
-    fraction of `train`) are held out for validation; database = every row not in the query. All rows of a group
-    land in the same part. `groups=None` (one row per item) needs `n`, the row count.
-    Returns {"query", "train", "val", "database"} -> ascending int64 row indices.
-    """
-    g = _groups_or_rows(groups, n)
-    uniq = group_ids(g)
-    n_groups = len(uniq)
-    n_val = int(round(val * train)) if isinstance(val, float) else int(val)
-    if query < 0 or train < 0 or n_val < 0:
-        raise DatasetError(f"split sizes must be >= 0 (query={query}, train={train}, val={val})")
-    if n_val > train:
-        raise DatasetError(f"validation size {n_val} exceeds the training pool {train}")
-    if query + train > n_groups:
-        raise DatasetError(
-            f"query {query} + train {train} exceed the {n_groups} groups (images) available"
-        )
-    perm = uniq[np.random.default_rng(seed).permutation(n_groups)]
-    q_groups = perm[:query]
-    pool = perm[query : query + train]
-    val_groups, train_groups = pool[:n_val], pool[n_val:]
-    db_groups = perm[query:]
-    return {
-        "query": rows_of_groups(g, q_groups),
-        "train": rows_of_groups(g, train_groups),
-        "val": rows_of_groups(g, val_groups),
-        "database": rows_of_groups(g, db_groups),
-    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
