@@ -13,8 +13,8 @@ label: about 122k for 2014 train+val). Rows are ordered by split (train, then va
 
 Memory: an instances file is large (~450 MB for train2014) because of the segmentation polygons. It is parsed with
 `json` and an `object_hook` that turns every annotation into an (image_id, category_id) pair as soon as it is
-decoded, so the polygons are freed at once: the peak is about the file's text plus the small pairs (~1 GB for
-train2014) instead of the 3-4 GB a plain `json.load` keeps.
+decoded, so the polygons are freed at once. Measured on a 103 MB file of COCO's shape: peak RSS 249 MB against
+734 MB for a plain `json.load`, i.e. about 1.1 GB instead of 3.2 GB for train2014.
 
 Captions (`captions=`):
 - "first": one row per image with its first caption (lowest annotation id); `groups` is None.
