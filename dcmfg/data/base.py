@@ -129,7 +129,18 @@ class CrossModalDataset:
             labels=self.labels[idx],
             label_names=list(self.label_names),
             image_paths=[self.image_paths[i] for i in idx] if self.image_paths is not None else None,
-            image_array=self.image_array[np.sort(idx)][np.argsort(np.argsort(idx))] if self.image_array is not None else None,
+            image_array=_take_rows(self.image_array, idx) if self.image_array is not None else None,
             groups=np.asarray(self.groups)[idx] if self.groups is not None else None,
             stats=dict(self.stats),
         )
+
+
+def _take_rows(array, idx: np.ndarray):
+    """Rows `idx` of an image array: numpy indexes directly; a lazy on-disk array gives a view (no pixels read)."""
+    if isinstance(array, np.ndarray):
+        return array[idx]
+    if hasattr(array, "take_rows"):  # dcmfg.data.matfiles.H5ImageArray
+        return array.take_rows(idx)
+    # Any other array-like (e.g. an h5py dataset, which wants increasing distinct indices): read what is needed.
+    uniq, inverse = np.unique(idx, return_inverse=True)
+    return np.asarray(array[uniq.tolist()])[inverse.reshape(-1)]

@@ -1,0 +1,67 @@
+"""Which datasets a folder (e.g. DCMFG_DATA) holds, found by layout detection of each sub-folder.
+
+The study uses this to pick real data when present and fall back to `synthetic` otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from .base import LayoutError
+
+# dataset name -> (module, detection function returning a truthy layout name for a loadable folder)
+DETECTORS: dict[str, list[tuple[str, str]]] = {
+    "mirflickr25k": [("dcmfg.data.mirflickr", "detect_layout")],
+    "nuswide": [("dcmfg.data.nuswide", "detect_layout")],
+    "mscoco": [("dcmfg.data.mscoco", "detect_layout"), ("dcmfg.data.mscoco", "looks_like_coco")],
+    "manifest": [("dcmfg.data.manifest", "detect_layout"), ("dcmfg.data.manifest", "looks_like_manifest")],
+}
+UNLOADABLE = {"features-mat"}  # detected, but cannot feed image/text encoders
+
+
+def detect(root) -> list[tuple[str, str]]:
+    """(dataset name, layout) for every family whose layout `root` holds."""
+    found = []
+    for name, candidates in DETECTORS.items():
+        for module, func in candidates:
+            try:
+                fn = getattr(importlib.import_module(module), func, None)
+            except ImportError:
+                fn = None
+            if fn is None:
+                continue
+            try:
+                layout = fn(Path(root))
+            except (OSError, ValueError):
+                layout = None
+            if layout and layout not in UNLOADABLE:
+                found.append((name, layout if isinstance(layout, str) else "detected"))
+            break
+    return found
+
+
+def find_datasets(folder) -> list[tuple[str, Path]]:
+    """(name, root) of each dataset under `folder`: each sub-folder is detected; the folder itself if none is."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    out = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        out += [(name, sub) for name, _ in detect(sub)]
+    if not out:
+        out = [(name, folder) for name, _ in detect(folder)]
+    return out
+
+
+def default_root(name: str) -> Path:
+    """The root of dataset `name` under DCMFG_DATA, for loaders called with root=None."""
+    from dcmfg.paths import data_dir
+
+    folder = data_dir()
+    if folder is None:
+        raise LayoutError(f"{name}: no root given and DCMFG_DATA is not set: pass the dataset folder")
+    for found, root in find_datasets(folder):
+        if found == name:
+            return root
+    raise LayoutError(f"{name}: no root given and none found under DCMFG_DATA={folder}")
