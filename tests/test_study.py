@@ -1,0 +1,178 @@
+"""The study runner: parameter sets, the offline-HTML check, and the end-to-end quick study rendered in Chromium."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+from PIL import Image
+
+from dcmfg import study
+from dcmfg.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------ parameter sets
+def test_named_sets_resolve_to_config_files():
+    assert study.resolve_params_path("quick") == REPO / "configs" / "study-quick.yaml"
+    assert study.resolve_params_path(None) == REPO / "configs" / "study-full.yaml"
+    for name in ("quick", "full"):
+        p = study.load_params(study.resolve_params_path(name))
+        assert p["name"] == name
+        # every per-notebook section names a real notebook and only parameters that notebook declares
+        import papermill as pm
+
+        for nb in study.NOTEBOOKS:
+            declared = pm.inspect_notebook(str(REPO / "notebooks" / f"{nb}.ipynb"))
+            study.notebook_parameters(p, nb, declared)
+
+
+def test_unknown_set_and_bad_files_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no study parameter set 'nope'.*known sets: .*quick"):
+        study.resolve_params_path("nope")
+    with pytest.raises(ConfigError, match="not found"):
+        study.resolve_params_path(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("common: {}\nnotebooks:\n  99-nothing: {x: 1}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown notebooks \['99-nothing'\]"):
+        study.load_params(bad)
+    bad.write_text("common: [1, 2]\n")
+    with pytest.raises(ConfigError, match="must be mappings"):
+        study.load_params(bad)
+    bad.write_text("common: {a: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        study.load_params(bad)
+
+
+def test_per_notebook_typo_is_refused_and_common_values_are_filtered(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("common: {seed: 3, unrelated: 1}\nnotebooks:\n  01-data: {sedds: [1]}\n")
+    p = study.load_params(f)
+    declared = {"seed": {}, "seeds": {}}
+    with pytest.raises(ConfigError, match=r"notebooks.01-data sets \['sedds'\]"):
+        study.notebook_parameters(p, "01-data", declared)
+    p["notebooks"]["01-data"] = {"seeds": [1]}
+    assert study.notebook_parameters(p, "01-data", declared) == {"seed": 3, "seeds": [1]}
+
+
+def test_cli_registers_study_run():
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    study.register(sub)
+    args = parser.parse_args(["study", "run", "--params", "quick", "--out-book", "/x", "--skip-build"])
+    assert args.func is study._cmd_run and args.params == "quick" and args.out_book == "/x" and args.skip_build
+    assert parser.parse_args(["study", "run"]).params == "full"
+
+
+# ------------------------------------------------------------------------------------------ data choice
+def test_no_data_folder_falls_back_to_synthetic_with_a_banner(monkeypatch, tmp_path):
+    monkeypatch.delenv("DCMFG_DATA", raising=False)
+    c = study.resolve_dataset("auto", "")
+    assert c.synthetic and "DCMFG_DATA is not set" in c.reason
+    assert "Synthetic data" in study.banner_html(c)
+    c = study.resolve_dataset("auto", str(tmp_path / "absent"))
+    assert c.synthetic and "does not exist" in c.reason
+    assert study.banner_html(study.DataChoice("mirflickr25k", "/d", False, "found")) == ""
+    with pytest.raises(ConfigError, match="needs data_root"):
+        study.resolve_dataset("mirflickr25k", "")
+
+
+def test_real_dataset_is_found_under_the_data_folder(mirflickr_root):
+    c = study.resolve_dataset("auto", str(mirflickr_root.parent))
+    assert not c.synthetic and c.name == "mirflickr25k" and Path(c.root).resolve() == mirflickr_root.resolve()
+
+
+# ------------------------------------------------------------------------------------------ offline HTML
+def test_offline_check_flags_external_scripts_and_styles(tmp_path):
+    (tmp_path / "ok.html").write_text(
+        '<script src="_static/a.js"></script><link rel="stylesheet" href="_static/b.css">'
+        '<a href="https://example.org">a link is fine</a><link rel="canonical" href="https://x.org/p.html">'
+    )
+    assert study.check_offline_html(tmp_path) == []
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "bad.html").write_text(
+        '<script async src="https://cdn.example/mathjax.js"></script>'
+        "<link href='//fonts.example/css' rel='stylesheet'>"
+    )
+    problems = study.check_offline_html(tmp_path)
+    assert len(problems) == 2 and all(p.startswith("sub/bad.html") for p in problems)
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def screenshot(page: Path, png: Path, width: int = 1200, height: int = 1600) -> None:
+    """Render a local page in headless Chromium (no network, fresh profile) and save a screenshot."""
+    with tempfile.TemporaryDirectory() as profile:
+        cmd = [
+            _chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+            "--hide-scrollbars", f"--window-size={width},{height}", "--virtual-time-budget=3000",
+            f"--screenshot={png}", page.resolve().as_uri(),
+        ]
+        subprocess.run(cmd, capture_output=True, timeout=120, check=False)
+    assert png.is_file(), f"chromium wrote no screenshot of {page}"
+
+
+def assert_not_blank(png: Path) -> None:
+    im = np.asarray(Image.open(png).convert("RGB"), dtype=np.float64)
+    colours = len(np.unique(im.reshape(-1, 3)[::7], axis=0))
+    assert im.std() > 10 and colours > 50, f"{png}: looks blank (std {im.std():.1f}, {colours} colours)"
+
+
+def _data_folder() -> Path | None:
+    """The folder holding dataset folders: DCMFG_DATA, else the project's shared data (CI)."""
+    for c in ([Path(os.environ["DCMFG_DATA"])] if os.environ.get("DCMFG_DATA") else []) + [REPO.parent / "shared" / "data"]:
+        if c.is_dir():
+            return c
+    return None
+
+
+@pytest.mark.slow
+def test_quick_study_builds_an_offline_book_that_renders(tmp_path, monkeypatch):
+    if _chromium() is None:
+        pytest.skip("chromium not installed (make browser installs it)")
+    folder = _data_folder()
+    if folder is not None:
+        monkeypatch.setenv("DCMFG_DATA", str(folder))
+    else:
+        monkeypatch.delenv("DCMFG_DATA", raising=False)
+    book, work = tmp_path / "book", tmp_path / "work"
+    result = study.run_study("quick", out_book=book, work_dir=work, log=lambda *_: None)
+
+    # every notebook ran, with its parameters recorded by papermill in its output
+    for nb in study.NOTEBOOKS:
+        out = nbformat.read(book / "chapters" / f"{nb}.ipynb", as_version=4)
+        assert out.metadata["papermill"]["parameters"]["work_dir"] == str(work)
+        assert any("injected-parameters" in c.metadata.get("tags", []) for c in out.cells)
+    assert json.loads((work / "data.json").read_text())["synthetic"] == result.data["synthetic"]
+
+    html = Path(result.html_dir)
+    assert study.check_offline_html(html) == []
+    for page in html.rglob("*.html"):
+        text = page.read_text()
+        assert '<script src="http' not in text and '<link href="http' not in text
+    pages = {nb: (html / "chapters" / f"{nb}.html").read_text() for nb in study.NOTEBOOKS}
+    for nb in ["01-data", "04-benchmark", "05-ablations", "06-interpretability", "07-scaling", "08-comparison"]:
+        assert "dcmfg-figure" in pages[nb] and "data:image/png;base64," in pages[nb], f"{nb}: no figure"
+    for nb in ["01-data", "03-training", "04-benchmark", "05-ablations", "07-scaling", "08-comparison", "09-reproducibility"]:
+        assert "dcmfg-table" in pages[nb] and "<caption" in pages[nb], f"{nb}: no captioned table"
+    assert "mAP@all" in pages["04-benchmark"] and "reported" in pages["08-comparison"] and "measured" in pages["08-comparison"]
+    banner = "dcmfg-synthetic-banner"
+    assert (banner in pages["04-benchmark"]) == bool(result.data["synthetic"])
+
+    for name, page in [("intro", html / "intro.html"), ("benchmark", html / "chapters" / "04-benchmark.html")]:
+        png = tmp_path / f"{name}.png"
+        screenshot(page, png)
+        assert_not_blank(png)
