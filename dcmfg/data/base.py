@@ -118,6 +118,32 @@ class CrossModalDataset:
             h.update(np.asarray(self.groups, dtype=np.int64).tobytes())
         return h.hexdigest()[:16]
 
+    def summary(self) -> dict:
+        """Counts and per-item statistics for `dcmfg data info` and the data notebook."""
+
+        def describe(x: np.ndarray) -> dict:
+            if x.size == 0:
+                return {"mean": 0.0, "median": 0.0, "min": 0, "max": 0}
+            return {"mean": float(x.mean()), "median": float(np.median(x)), "min": int(x.min()), "max": int(x.max())}
+
+        words = np.fromiter((len(t.split()) for t in self.texts), dtype=np.int64, count=len(self.texts))
+        freq = self.labels.sum(0, dtype=np.int64)
+        return {
+            "name": self.name,
+            "layout": self.layout,
+            "root": str(self.root),
+            "items": len(self),
+            "labels": self.num_labels,
+            "fingerprint": self.fingerprint(),
+            "stats": dict(self.stats),
+            "label_frequency": {n: int(c) for n, c in zip(self.label_names, freq)},
+            "labels_per_item": describe(self.labels.sum(1, dtype=np.int64)),
+            "words_per_item": describe(words),
+            "empty_texts": int((words == 0).sum()),
+            "items_without_label": int((self.labels.sum(1) == 0).sum()),
+            "groups": None if self.groups is None else int(len(np.unique(self.groups))),
+        }
+
     def subset(self, indices: Sequence[int]) -> "CrossModalDataset":
         idx = np.asarray(indices, dtype=np.int64)
         return CrossModalDataset(
