@@ -1,0 +1,299 @@
+"""Retrieval evaluation (method.md section 6): embed the bank once, the database and queries against it, score.
+
+`evaluate(checkpoint_dir, split="query") -> dict` is the Python API; `dcmfg evaluate --checkpoint RUN --split query`
+the command. Both write a JSON report (`report.json` for the query split, `report_<split>.json` otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dcmfg.config import Config, config_from_json
+from dcmfg.errors import ConfigError, DcmfgError
+
+FEATURE_KEYS = ("image_global", "image_regions", "text_global", "text_words", "text_mask")
+IMAGE, TEXT = 0, 1
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataBundle:
+    """What training and evaluation read: dataset, split, cached features and labels (all items)."""
+
+    dataset: object
+    split: object
+    feats: dict  # FEATURE_KEYS -> tensors over all items (float16 on disk; converted per batch)
+    labels: torch.Tensor  # (N, C) float32
+    valid: torch.Tensor  # (N,) bool: items whose features could be extracted
+    feature_key: str = ""
+
+    def part(self, name: str) -> np.ndarray:
+        """A split part's indices, minus items without features (a corrupt image skipped at extraction)."""
+        idx = np.asarray(self.split[name], dtype=np.int64)
+        return idx[self.valid.numpy()[idx]]
+
+
+def load_data(cfg: Config, run_dir: Path | None = None) -> DataBundle:
+    """Dataset + split (file from config, or the run's own, or a fresh seeded one saved into the run folder)
+    + features (extracted on first use, cached under DCMFG_CACHE)."""
+    from dcmfg.data import load_dataset
+    from dcmfg.data.splits import load_split, make_split, save_split
+    from dcmfg.features import extract_features
+
+    d = cfg.data
+    if d.name != "synthetic" and d.root is None:
+        raise ConfigError(f"data.root is not set for dataset {d.name!r}; pass --set data.root=PATH")
+    dataset = load_dataset(d.name, d.root, **(d.options or {}))
+    own = Path(run_dir) / "split.json" if run_dir is not None else None
+    if d.split:
+        split = load_split(d.split, dataset)
+    elif own is not None and own.is_file():
+        split = load_split(own, dataset)
+    else:
+        split = make_split(dataset, protocol=d.protocol, query=d.query, val=d.val, seed=cfg.seed)
+        if own is not None:
+            save_split(split, own)
+    f = cfg.features
+    fs = extract_features(
+        dataset,
+        image_backbone=f.image_backbone,
+        text_backbone=f.text_backbone,
+        regions=f.regions,
+        max_words=f.max_words,
+        image_size=f.image_size,
+        batch_size=f.batch_size,
+        on_corrupt=f.on_corrupt,
+        progress=cfg.train.progress,
+    )
+    feats = {k: torch.as_tensor(getattr(fs, k)) for k in FEATURE_KEYS}
+    valid = torch.as_tensor(fs.valid).bool()
+    labels = torch.as_tensor(np.asarray(dataset.labels), dtype=torch.float32)
+    return DataBundle(dataset, split, feats, labels, valid, str(getattr(fs, "key", "")))
+
+
+def take(feats: dict, idx, device="cpu") -> dict:
+    """Rows `idx` of every feature tensor, as float32 (masks as bool) on `device`."""
+    idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+    out = {}
+    for k, v in feats.items():
+        t = v[idx]
+        out[k] = t.to(device=device, dtype=torch.bool if k == "text_mask" else torch.float32)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- embedding
+
+
+@torch.no_grad()
+def embed_parts(model, data: DataBundle, bank_idx, item_idx, device="cpu") -> dict:
+    """Embeddings of items `item_idx` in both modalities against a bank of `bank_idx` (inductive).
+
+    Returns {"image": {"z", "h"}, "text": {"z", "h"}} on the CPU.
+    """
+    model.eval()
+    bank = model.build_bank(take(data.feats, bank_idx, device))
+    feats = take(data.feats, item_idx, device)
+    out = {}
+    for name, modality in (("image", IMAGE), ("text", TEXT)):
+        e = model.embed(feats, modality, bank)
+        out[name] = {k: e[k].float().cpu() for k in ("z", "h") if k in e}
+    return out
+
+
+def transductive_refine(zq: torch.Tensor, zdb: torch.Tensor, k: int, temperature: float = 0.1):
+    """Transductive re-ranking (reported separately, never mixed with inductive numbers): one parameter-free
+    propagation over the mutual-kNN graph of queries + database; each node becomes the attention-weighted mean
+    of itself and its mutual neighbours. Unlike the inductive mode, a query's result depends on the others."""
+    from dcmfg import search
+    from torch_geometric.utils import softmax
+
+    x = F.normalize(torch.cat([zq, zdb]).float(), dim=1)
+    edges = search.mutual_knn_edges(x, k, relation="mutual", fallback="nearest", self_loops=True)
+    src, dst = edges
+    w = softmax((x[src] * x[dst]).sum(1) / temperature, dst, num_nodes=len(x))
+    out = torch.zeros_like(x).index_add_(0, dst, x[src] * w[:, None])
+    out = F.normalize(out, dim=1)
+    return out[: len(zq)], out[len(zq) :]
+
+
+def codes(e: dict, distance: str) -> torch.Tensor:
+    """What the metrics rank by: real-valued z for cosine, sign of the tanh code for Hamming."""
+    if distance == "hamming":
+        if "h" not in e:
+            raise ConfigError("eval.distance=hamming but this model has no hash head")
+        return torch.where(e["h"] >= 0, 1.0, -1.0)
+    return e["z"]
+
+
+def map_pair(q: dict, db: dict, ql, dl, distance: str, chunk_size=None) -> tuple[float, float]:
+    """mAP@all image->text and text->image (metrics.md) for query and database embeddings."""
+    from dcmfg.metrics import mean_average_precision
+
+    kw = dict(distance=distance, chunk_size=chunk_size)
+    i2t = mean_average_precision(codes(q["image"], distance), codes(db["text"], distance), ql, dl, **kw)
+    t2i = mean_average_precision(codes(q["text"], distance), codes(db["image"], distance), ql, dl, **kw)
+    return float(i2t), float(t2i)
+
+
+def validation_scores(model, data: DataBundle, cfg: Config, device="cpu") -> dict:
+    """Model selection: validation queries against the training set as the retrieval set (never the query set)."""
+    train_idx, val_idx = data.part("train"), data.part("val")
+    emb = embed_parts(model, data, train_idx, np.concatenate([val_idx, train_idx]), device)
+    nv = len(val_idx)
+    q = {m: {k: v[:nv] for k, v in e.items()} for m, e in emb.items()}
+    db = {m: {k: v[nv:] for k, v in e.items()} for m, e in emb.items()}
+    i2t, t2i = map_pair(q, db, data.labels[val_idx], data.labels[train_idx], cfg.eval.distance, cfg.eval.chunk_size)
+    return {"val_map_i2t": i2t, "val_map_t2i": t2i, "val_map_mean": (i2t + t2i) / 2}
+
+
+def _jsonable(x):
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return None
+    if isinstance(x, (np.floating,)):
+        return _jsonable(float(x))
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def retrieval_for_split(model, data: DataBundle, cfg: Config, split: str = "query", device="cpu") -> dict:
+    """The report of one split: queries of `split` against the database (query split) or the training set
+    (val split), bank = training set. Both distances when the model has a hash head; the config's is headline."""
+    from dcmfg.metrics import report_summary, retrieval_report
+
+    train_idx = data.part("train")
+    if split == "query":
+        q_idx, db_idx = data.part("query"), data.part("database")
+    elif split == "val":
+        q_idx, db_idx = data.part("val"), train_idx
+    else:
+        raise ConfigError(f"unknown split part {split!r}; use query or val")
+    emb = embed_parts(model, data, train_idx, np.concatenate([q_idx, db_idx]), device)
+    nq = len(q_idx)
+    q = {m: {k: v[:nq] for k, v in e.items()} for m, e in emb.items()}
+    db = {m: {k: v[nq:] for k, v in e.items()} for m, e in emb.items()}
+    ql, dl = data.labels[q_idx], data.labels[db_idx]
+    distances = [cfg.eval.distance] + [d for d in ("cosine", "hamming") if d != cfg.eval.distance and (d == "cosine" or "h" in q["image"])]
+    frames, summaries = [], {}
+    for dist in distances:
+        df = retrieval_report(
+            codes(q["image"], dist), codes(q["text"], dist), codes(db["image"], dist), codes(db["text"], dist),
+            ql, dl, distance=dist, chunk_size=cfg.eval.chunk_size,
+        )
+        frames.append(df)
+        summaries[dist] = {k: _jsonable(v) for k, v in report_summary(df).items()}
+    report = {
+        "map_i2t": summaries[cfg.eval.distance]["map_i2t"],
+        "map_t2i": summaries[cfg.eval.distance]["map_t2i"],
+        "distance": cfg.eval.distance,
+        "mode": "inductive (bank = training split)",
+        "split": split,
+        "summaries": summaries,
+        "n_query": int(nq),
+        "n_database": int(len(db_idx)),
+        "n_bank_pairs": int(len(train_idx)),
+        "split_fingerprint": data.split.fingerprint,
+        "split_protocol": data.split.protocol,
+        "split_seed": data.split.seed,
+        "records": [],
+    }
+    import pandas as pd
+
+    report["records"] = _jsonable(pd.concat(frames, ignore_index=True).astype(object).to_dict("records"))
+    if cfg.graph.inference == "transductive":
+        # Separate, clearly named numbers: queries and database propagated together.
+        from dcmfg.metrics import mean_average_precision
+
+        zq_i, zdb_t = transductive_refine(q["image"]["z"], db["text"]["z"], cfg.graph.k)
+        zq_t, zdb_i = transductive_refine(q["text"]["z"], db["image"]["z"], cfg.graph.k)
+        report["transductive"] = {
+            "map_i2t": float(mean_average_precision(zq_i, zdb_t, ql, dl, distance="cosine")),
+            "map_t2i": float(mean_average_precision(zq_t, zdb_i, ql, dl, distance="cosine")),
+            "note": "transductive re-ranking: one propagation over the mutual-kNN graph of queries + database",
+        }
+    return report
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    from dcmfg.data.splits import write_text_atomic
+
+    write_text_atomic(Path(path), json.dumps(_jsonable(obj), indent=1, sort_keys=True) + "\n")
+
+
+def load_checkpoint_model(path) -> tuple[torch.nn.Module, Config, dict]:
+    """A trained model from a checkpoint folder (or a run folder: its `best/` checkpoint)."""
+    from dcmfg.model import create_model, load_weights
+
+    path = Path(path)
+    if (path / "best" / "model.safetensors").is_file():
+        path = path / "best"
+    for name in ("model.safetensors", "config.json", "meta.json"):
+        if not (path / name).is_file():
+            raise DcmfgError(f"{path}: not a dcmfg checkpoint ({name} missing)")
+    cfg = config_from_json((path / "config.json").read_text())
+    meta = json.loads((path / "meta.json").read_text())
+    model = create_model(cfg.model.name, cfg, meta["image_dim"], meta["text_dim"], meta["num_labels"])
+    load_weights(model, path / "model.safetensors")
+    model.eval()
+    return model, cfg, meta
+
+
+def evaluate(checkpoint_dir, split: str = "query", out: str | Path | None = None, overrides=()) -> dict:
+    """Evaluate a trained checkpoint on a split part (query | val); writes and returns the JSON report."""
+    from dcmfg.config import apply_overrides, config_from_dict
+
+    model, cfg, meta = load_checkpoint_model(checkpoint_dir)
+    if overrides:  # only evaluation-side switches make sense here (eval.*, graph.inference)
+        cfg = config_from_dict(apply_overrides(cfg.to_dict(), overrides))
+    run_dir = Path(checkpoint_dir)
+    run_dir = run_dir.parent if run_dir.name in ("best", "last") else run_dir
+    data = load_data(cfg, run_dir)
+    if meta.get("dataset_fingerprint") and meta["dataset_fingerprint"] != data.dataset.fingerprint():
+        raise ConfigError(
+            f"{checkpoint_dir}: checkpoint was trained on dataset fingerprint {meta['dataset_fingerprint']}, "
+            f"but {cfg.data.name} at {cfg.data.root} has {data.dataset.fingerprint()}"
+        )
+    torch.set_grad_enabled(False)
+    try:
+        report = retrieval_for_split(model, data, cfg, split)
+    finally:
+        torch.set_grad_enabled(True)
+    report["config"] = cfg.to_dict()
+    report["checkpoint"] = str(checkpoint_dir)
+    report["epoch"] = meta.get("epoch")
+    out = Path(out) if out else run_dir / ("report.json" if split == "query" else f"report_{split}.json")
+    write_json_atomic(out, report)
+    report["path"] = str(out)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("evaluate", help="evaluate a trained checkpoint; writes a JSON report")
+    p.add_argument("--checkpoint", required=True, help="run folder (uses its best/) or a checkpoint folder")
+    p.add_argument("--split", default="query", choices=("query", "val"))
+    p.add_argument("--out", default=None, help="report path (default RUN/report.json or RUN/report_<split>.json)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="evaluation switches, e.g. eval.distance=hamming or graph.inference=transductive")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    rep = evaluate(args.checkpoint, args.split, args.out, args.overrides)
+    print(f"{rep['split']}: mAP@all I->T {rep['map_i2t']:.4f}  T->I {rep['map_t2i']:.4f}  ({rep['distance']})  -> {rep['path']}")
+    return 0

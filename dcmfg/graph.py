@@ -1,0 +1,154 @@
+"""The dynamic cross-modal feature graph (method.md section 2): which nodes connect, in batch and bank modes.
+
+Nodes are image and text nodes (`modality` 0 = image, 1 = text). Edges follow PyG's convention (row 0 = source j,
+row 1 = target i, message j -> i). kNN search lives in `dcmfg.search`; this module decides what to search over:
+
+- batch mode (training): the 2B nodes of a mini-batch, rebuilt from the current features at every forward;
+- bank mode (inference): each query against a fixed reference bank (the training nodes, embedded by the trained
+  model), so a query's edges never depend on the other queries;
+- `static`: built once from the frozen backbone features, inside each modality, plus the known image-text pairs.
+
+It also holds the region-word alignment score that the attention of cross-modal edges receives (section 3).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dcmfg import search
+from dcmfg.config import GraphConfig
+from dcmfg.errors import ConfigError
+
+IMAGE, TEXT = 0, 1
+
+
+def check_k(k: int, n_candidates: int, where: str) -> None:
+    """k larger than the graph is a config error the user can fix; say which knob."""
+    if k > n_candidates:
+        raise ConfigError(
+            f"graph.k={k} is larger than the graph: each node of the {where} has only {n_candidates} candidate "
+            f"neighbours; lower graph.k or use more nodes (train.batch_size, a larger training split)"
+        )
+
+
+def batch_edges(h: torch.Tensor, modality: torch.Tensor, cfg: GraphConfig) -> torch.Tensor:
+    """Mutual (or plain) kNN edges over the nodes of one graph from their current features h (N, d)."""
+    n_img = int((modality == IMAGE).sum())
+    n_candidates = min(n_img, len(h) - n_img) if cfg.cross_modal_only else len(h) - 1
+    check_k(cfg.k, n_candidates, f"{len(h)}-node graph")
+    with torch.no_grad():
+        return search.mutual_knn_edges(
+            h.detach(),
+            cfg.k,
+            relation=cfg.relation if cfg.relation != "static" else "mutual",
+            modality=modality,
+            cross_modal_only=cfg.cross_modal_only,
+            fallback=cfg.fallback,
+            self_loops=True,
+        )
+
+
+def static_pair_edges(raw_img: torch.Tensor, raw_txt: torch.Tensor, cfg: GraphConfig) -> torch.Tensor:
+    """`static` relation over B pairs (nodes: B images then B texts) from the frozen backbone globals.
+
+    The two backbones' spaces are not comparable, so kNN runs inside each modality; the known pairs give the
+    cross-modal edges. Self-loops come from the within-modality calls.
+    """
+    b = len(raw_img)
+    check_k(cfg.k, b - 1, f"{b}-pair static graph")
+    with torch.no_grad():
+        e_img = search.mutual_knn_edges(raw_img, cfg.k, relation="mutual", fallback=cfg.fallback, self_loops=True)
+        e_txt = search.mutual_knn_edges(raw_txt, cfg.k, relation="mutual", fallback=cfg.fallback, self_loops=True)
+        ar = torch.arange(b, device=raw_img.device)
+        pairs = torch.stack([torch.cat([ar, ar + b]), torch.cat([ar + b, ar])])
+        return torch.cat([e_img, e_txt + b, pairs], dim=1)
+
+
+def bank_tau(bank_h: torch.Tensor, bank_modality: torch.Tensor, cfg: GraphConfig) -> torch.Tensor:
+    """tau_j = similarity of bank node j's k-th neighbour inside the bank: i in kNN(j) iff sim(i, j) >= tau_j."""
+    if cfg.relation == "knn":  # no reverse condition
+        return torch.full((len(bank_h),), -float("inf"), device=bank_h.device)
+    n_img = int((bank_modality == IMAGE).sum())
+    n_candidates = min(n_img, len(bank_h) - n_img) if cfg.cross_modal_only else len(bank_h) - 1
+    check_k(cfg.k, n_candidates, f"{len(bank_h)}-node reference bank")
+    return search.kth_neighbour_similarity(
+        bank_h, cfg.k, modality=bank_modality, cross_modal_only=cfg.cross_modal_only
+    ).to(bank_h.dtype)
+
+
+def query_bank_edges(
+    hq: torch.Tensor,
+    query_modality: torch.Tensor,
+    bank_h: torch.Tensor,
+    bank_modality: torch.Tensor,
+    tau: torch.Tensor,
+    cfg: GraphConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Edges bank node j -> query i (mutual against the bank); returns (query_index, bank_index)."""
+    with torch.no_grad():
+        qi, bj, _ = search.mutual_knn_to_bank(
+            hq.detach(),
+            bank_h,
+            cfg.k,
+            tau,
+            query_modality=query_modality,
+            bank_modality=bank_modality,
+            cross_modal_only=cfg.cross_modal_only,
+            fallback=cfg.fallback,
+        )
+    return qi, bj
+
+
+def region_word_alignment(
+    regions: torch.Tensor, words: torch.Tensor, mask: torch.Tensor, chunk: int = 4096
+) -> torch.Tensor:
+    """Fine-grained alignment of E image-text pairs: A = cos(regions, words) (E, R, W), max over regions, mean
+    over the valid words. regions (E, R, t), words (E, W, t), mask (E, W) bool -> (E,)."""
+    out = []
+    for s in range(0, len(regions), chunk):
+        r = F.normalize(regions[s : s + chunk], dim=-1)
+        w = F.normalize(words[s : s + chunk], dim=-1)
+        m = mask[s : s + chunk].to(r.dtype)
+        best = torch.einsum("erd,ewd->erw", r, w).amax(dim=1)  # (e, W): each word's best region
+        out.append((best * m).sum(1) / m.sum(1).clamp(min=1.0))
+    return torch.cat(out) if out else regions.new_zeros(0)
+
+
+def alignment_matrix_dense(regions: torch.Tensor, words: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Alignment score of every image with every text of a batch: regions (B, R, t), words (B', W, t) -> (B, B')."""
+    r = F.normalize(regions, dim=-1)
+    w = F.normalize(words, dim=-1)
+    best = torch.einsum("ard,bwd->abrw", r, w).amax(dim=2)  # (B, B', W)
+    m = mask.to(r.dtype)[None]
+    return (best * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+
+
+def edge_alignment(
+    edge_index: torch.Tensor,
+    modality: torch.Tensor,
+    token_row: torch.Tensor,
+    regions: torch.Tensor,
+    words: torch.Tensor,
+    mask: torch.Tensor,
+    dense: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Alignment score per edge: region-word alignment for cross-modal edges, 0 for same-modality edges.
+
+    `token_row[n]` is node n's row in `regions` (image nodes) or `words`/`mask` (text nodes). With `dense`
+    (an image-row x text-row score matrix already computed for the batch), the scores are gathered from it.
+    """
+    src, dst = edge_index
+    cross = modality[src] != modality[dst]
+    score = torch.zeros(edge_index.shape[1], device=edge_index.device, dtype=regions.dtype)
+    if not bool(cross.any()):
+        return score
+    s, d = src[cross], dst[cross]
+    img = torch.where(modality[s] == IMAGE, s, d)
+    txt = torch.where(modality[s] == IMAGE, d, s)
+    ri, rt = token_row[img], token_row[txt]
+    if dense is not None:
+        vals = dense[ri, rt]
+    else:
+        vals = region_word_alignment(regions[ri], words[rt], mask[rt])
+    return score.masked_scatter(cross, vals.to(score.dtype))

@@ -1,0 +1,114 @@
+"""Training objective (method.md section 5): contrastive, multi-label similarity, label head, quantisation.
+
+Every term is a plain function of tensors; `total_loss` adds those whose inputs a model produced and whose weight
+in the config is non-zero, so baselines and ablations share one objective.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dcmfg.config import LossConfig
+
+
+def label_similarity(a: torch.Tensor, b: torch.Tensor, soft: bool = False) -> torch.Tensor:
+    """S_ij = 1 iff l_i . l_j > 0 (multi-label relevance), or the cosine of the label vectors when soft."""
+    a, b = a.float(), b.float()
+    if soft:
+        return F.normalize(a, dim=1) @ F.normalize(b, dim=1).T
+    return ((a @ b.T) > 0).float()
+
+
+def contrastive_loss(
+    x: torch.Tensor, y: torch.Tensor, positives: torch.Tensor | None, temperature: float
+) -> torch.Tensor:
+    """Symmetric InfoNCE between paired rows of x and y (cosine / temperature).
+
+    `positives` (B, B) marks extra positives (multi-positive: pairs that share a label); the paired item is always
+    a positive. Each row's loss is the mean log-probability over its positives.
+    """
+    logits = F.normalize(x, dim=1) @ F.normalize(y, dim=1).T / temperature
+    eye = torch.eye(len(x), device=x.device, dtype=logits.dtype)
+    pos = eye if positives is None else torch.clamp(positives.to(logits.dtype) + eye, max=1.0)
+
+    def one_way(lg: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        logp = F.log_softmax(lg, dim=1)
+        return -((logp * p).sum(1) / p.sum(1)).mean()
+
+    return 0.5 * (one_way(logits, pos) + one_way(logits.T, pos.T))
+
+
+def similarity_loss(
+    u: torch.Tensor, v: torch.Tensor, S: torch.Tensor, kind: str = "likelihood", margin: float = 0.2
+) -> torch.Tensor:
+    """Multi-label similarity preservation across modalities.
+
+    likelihood (DCMH): theta = <u, v> / 2, loss = log(1 + e^theta) - S * theta, on codes in [-1, 1].
+    margin: on cosines, pull S-pairs together and push the others below `margin`.
+    """
+    if kind == "likelihood":
+        theta = 0.5 * u @ v.T
+        return (F.softplus(theta) - S * theta).mean()
+    cos = F.normalize(u, dim=1) @ F.normalize(v, dim=1).T
+    return (S * (1 - cos) + (1 - S) * F.relu(cos - margin)).mean()
+
+
+def label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits, labels.float())
+
+
+def quantization_loss(h: torch.Tensor) -> torch.Tensor:
+    """||h - sign(h)||^2 per bit: pushes tanh codes towards +-1 so Hamming ranking loses little."""
+    return (h - torch.sign(h).detach()).pow(2).mean()
+
+
+def balance_loss(h: torch.Tensor) -> torch.Tensor:
+    """Each bit should be +1 for about half the items (a bit always on carries no information)."""
+    return h.mean(0).pow(2).mean()
+
+
+def total_loss(out: dict, labels: torch.Tensor, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """The weighted sum of every term whose inputs are in `out`; returns (loss, {term: value}) for logging.
+
+    Keys a model may produce: z_img/z_txt (graph outputs), p_img/p_txt (pre-graph projections), h_img/h_txt
+    (tanh codes), logits_img/logits_txt (label head), align (B, B) region-word alignment scores.
+    """
+    S = label_similarity(labels, labels, soft=cfg.soft_labels)
+    positives = label_similarity(labels, labels) if cfg.positives == "label" else None
+    terms: dict[str, torch.Tensor] = {}
+    if cfg.contrastive and "z_img" in out:
+        terms["contrastive"] = cfg.contrastive * contrastive_loss(out["z_img"], out["z_txt"], positives, cfg.temperature)
+    if cfg.contrastive_pre and "p_img" in out:
+        terms["contrastive_pre"] = cfg.contrastive_pre * contrastive_loss(
+            out["p_img"], out["p_txt"], positives, cfg.temperature
+        )
+    if cfg.alignment and "align" in out:
+        # align is already a (B, B) image x text score matrix in [-1, 1]: InfoNCE over it directly.
+        logits = out["align"] / cfg.temperature
+        eye = torch.eye(len(logits), device=logits.device)
+        pos = eye if positives is None else torch.clamp(positives + eye, max=1.0)
+        la = -((F.log_softmax(logits, 1) * pos).sum(1) / pos.sum(1)).mean()
+        lb = -((F.log_softmax(logits.T, 1) * pos.T).sum(1) / pos.T.sum(1)).mean()
+        terms["alignment"] = cfg.alignment * 0.5 * (la + lb)
+    if "h_img" in out:
+        h_i, h_t = out["h_img"], out["h_txt"]
+        if cfg.similarity:
+            terms["similarity"] = cfg.similarity * (
+                similarity_loss(h_i, h_t, S, cfg.similarity_kind, cfg.margin)
+                + similarity_loss(h_t, h_i, S.T, cfg.similarity_kind, cfg.margin)
+            ) / 2
+        if cfg.hash_contrastive:
+            terms["hash_contrastive"] = cfg.hash_contrastive * contrastive_loss(h_i, h_t, positives, cfg.temperature)
+        if cfg.quantization:
+            terms["quantization"] = cfg.quantization * (quantization_loss(h_i) + quantization_loss(h_t)) / 2
+        if cfg.balance:
+            terms["balance"] = cfg.balance * (balance_loss(h_i) + balance_loss(h_t)) / 2
+    elif cfg.similarity and "z_img" in out:
+        terms["similarity"] = cfg.similarity * similarity_loss(out["z_img"], out["z_txt"], S, "margin", cfg.margin)
+    if cfg.label and "logits_img" in out:
+        terms["label"] = cfg.label * (label_loss(out["logits_img"], labels) + label_loss(out["logits_txt"], labels)) / 2
+    if not terms:
+        raise ValueError("no loss term applies: every weight is zero or the model produced none of their inputs")
+    total = torch.stack(list(terms.values())).sum()
+    return total, {k: float(v.detach()) for k, v in terms.items()}
