@@ -227,3 +227,28 @@ def test_label_matrix_of_wrong_width(tmp_path):
     (tmp_path / "yall_words.txt").write_text("\n".join(WORDS) + "\n")
     with pytest.raises(DatasetError, match=r"mirflickr25k-lall.mat: LAll has shape \(10, 20\)"):
         load_dataset("mirflickr25k", tmp_path)
+
+
+def test_v73_cell_array_names_and_pickled_lazy_images(tmp_path):
+    """FAll as a v7.3 cell array (object references to char arrays); the lazy image array survives pickling."""
+    import pickle
+
+    import h5py
+
+    images, labels, bag = _arrays(3)
+    _h5_write(tmp_path / "mirflickr25k-iall.mat", {"IAll": images.transpose(1, 2, 3, 0)})
+    _h5_write(tmp_path / "mirflickr25k-yall.mat", {"YAll": bag})
+    _h5_write(tmp_path / "mirflickr25k-lall.mat", {"LAll": labels})
+    with h5py.File(tmp_path / "mirflickr25k-fall.mat", "w", userblock_size=512) as f:
+        refs = []
+        for i in range(N):
+            chars = np.array([ord(c) for c in f"im{100 + i}.jpg"], dtype=np.uint16)[:, None]  # MATLAB 1 x L
+            refs.append(f.create_dataset(f"#refs#/{i}", data=chars).ref)
+        f.create_dataset("FAll", data=np.array(refs, dtype=h5py.ref_dtype)[None, :])  # MATLAB N x 1 cell
+    (tmp_path / "yall_words.txt").write_text("\n".join(WORDS) + "\n")
+    d = load_dataset("mirflickr25k", tmp_path)
+    assert d.ids[:2] == ["im100", "im101"]
+    sub = d.subset([7, 1])
+    back = pickle.loads(pickle.dumps(sub.image_array))
+    assert back.shape == (2, H, W, 3) and np.array_equal(np.asarray(back[0]), images[7])
+    assert np.array_equal(np.asarray(back), images[[7, 1]])

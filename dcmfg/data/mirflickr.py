@@ -58,15 +58,19 @@ def _is_annotation_dir(d: Path) -> bool:
     return sum((d / f"{c}.txt").is_file() for c in CONCEPTS) >= 12
 
 
-def find_raw(root) -> tuple[Path | None, Path | None]:
-    """(image folder, annotation folder) of the raw layout under root (either may be None)."""
+def find_raw(root, beside: bool = False) -> tuple[Path | None, Path | None]:
+    """(image folder, annotation folder) of the raw layout under root (either may be None).
+
+    beside=True: when root is the image folder itself, also look for the annotation folder next to it (loading
+    accepts that; discovery does not, so that a dataset folder is reported once, as itself).
+    """
     root = Path(root)
     dirs = _dirs_near(root)
     images = next((d for d in dirs if d.name == "mirflickr" and _is_image_dir(d)), None)
     images = images or next((d for d in dirs if _is_image_dir(d)), None)
     annotations = next((d for d in dirs if d.name.startswith("mirflickr25k_annotations") and _is_annotation_dir(d)), None)
     annotations = annotations or next((d for d in dirs if _is_annotation_dir(d)), None)
-    if images is not None and annotations is None and images == root:  # root is mirflickr/ itself: look beside it
+    if beside and images is not None and annotations is None and images == root:  # root is mirflickr/ itself: look beside it
         annotations = next((d for d in _dirs_near(root.parent, depth=1) if _is_annotation_dir(d)), None)
     return images, annotations
 
@@ -99,8 +103,6 @@ def detect_layout(root) -> str | None:
         return "djsrh-mat" if DJSRH_FILES["images"] in mats else "features-mat"
     if any(FEATURE_FILE_RE.search(name) for name in mats):
         return "features-mat"
-    if images is not None or annotations is not None:
-        return "raw"  # incomplete: loading says what is missing
     return None
 
 
@@ -139,7 +141,7 @@ def _read_tags(path: Path) -> list[str]:
 
 
 def _load_raw(root: Path, cleaned: bool, tags: str) -> CrossModalDataset:
-    img_dir, ann_dir = find_raw(root)
+    img_dir, ann_dir = find_raw(root, beside=True)
     if img_dir is None:
         raise LayoutError(f"{root}: no MIRFlickr image folder (mirflickr/ with im<ID>.jpg and meta/tags/): extract mirflickr25k.zip here")
     if ann_dir is None:
@@ -280,6 +282,8 @@ def load_mirflickr(root=None, cleaned: bool = True, tags: str = "common", word_l
     if not root.is_dir():
         raise LayoutError(f"{root}: not a folder")
     layout = layout or detect_layout(root)
+    if layout is None and any(find_raw(root, beside=True)):
+        layout = "raw"  # incomplete, or root is mirflickr/ itself: loading finds the rest or says what is missing
     if layout is None:
         raise LayoutError(
             f"{root}: no MIRFlickr-25K layout found: expected mirflickr/ + mirflickr25k_annotations_v080/ (raw), "
