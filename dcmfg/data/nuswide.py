@@ -65,20 +65,19 @@ def read_binary_matrix(path, n_cols: int, n_rows: int | None = None, row_source:
     for b0 in range(0, n_lines, _BLOCK):  # a loop over blocks of lines, never over items
         b1 = min(b0 + _BLOCK, n_lines)
         chunk = data[starts[b0] : nl[b1 - 1] + 1]
+        ends = np.minimum(nl[b0:b1] - starts[b0], len(chunk) - 1)  # each line's last byte within the chunk
         digit = (chunk == 48) | (chunk == 49)
-        newline = chunk == 10
-        space = (chunk == 32) | (chunk == 9) | (chunk == 13) | newline
-        line_of = np.cumsum(newline) - newline  # local line index of each byte
-        bad = ~(digit | space)
+        ok = digit | (chunk == 32) | (chunk == 9) | (chunk == 10) | (chunk == 13)
         glued = np.flatnonzero(digit[1:] & digit[:-1])  # "10", "011": not a 0/1 token
-        if bad.any() or glued.size:
-            pos = min(np.flatnonzero(bad)[:1].tolist() + glued[:1].tolist())
-            fail(b0 + int(line_of[pos]), f"expected {n_cols} values of 0 or 1")
-        counts = np.bincount(line_of[digit], minlength=b1 - b0)[: b1 - b0]
+        if not ok.all() or glued.size:
+            pos = min(np.flatnonzero(~ok)[:1].tolist() + glued[:1].tolist())
+            fail(b0 + int(np.searchsorted(ends, pos)), f"expected {n_cols} values of 0 or 1")
+        where = np.flatnonzero(digit)
+        counts = np.diff(np.searchsorted(where, ends, side="right"), prepend=0)  # values per line
         wrong = np.flatnonzero(counts != n_cols)
         if wrong.size:
             fail(b0 + int(wrong[0]), f"{counts[wrong[0]]} values, expected {n_cols}")
-        out[b0:b1] = (chunk[digit] - 48).reshape(b1 - b0, n_cols)
+        out[b0:b1] = (chunk[where] - 48).reshape(b1 - b0, n_cols)
     if n_rows is not None and n_lines != n_rows:
         raise DatasetError(
             f"{path}: {n_lines} lines, expected {n_rows} (one per line of {row_source or 'the image list'})"
