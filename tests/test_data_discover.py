@@ -44,3 +44,12 @@ def test_feature_only_folders_are_not_offered(tmp_path):
     savemat(d / "mirflickr25k-iall-vgg.mat", {"XAll": np.zeros((4, 8), np.float32)})
     savemat(d / "mirflickr25k-lall.mat", {"LAll": np.ones((4, 24), np.uint8)})
     assert find_datasets(tmp_path) == []
+
+
+def test_pick_dataset_prefers_real_data(tmp_path, monkeypatch, mirflickr_root):
+    from dcmfg.data.discover import pick_dataset
+
+    assert pick_dataset(mirflickr_root.parent) == ("mirflickr25k", mirflickr_root)
+    assert pick_dataset(tmp_path) == ("synthetic", None)
+    monkeypatch.delenv("DCMFG_DATA", raising=False)
+    assert pick_dataset() == ("synthetic", None)

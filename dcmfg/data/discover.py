@@ -65,3 +65,20 @@ def default_root(name: str) -> Path:
         if found == name:
             return root
     raise LayoutError(f"{name}: no root given and none found under DCMFG_DATA={folder}")
+
+
+PREFERENCE = ["mirflickr25k", "nuswide", "mscoco", "manifest"]
+
+
+def pick_dataset(folder=None) -> tuple[str, Path | None]:
+    """The dataset a run should use by default: the first real one under `folder` (default DCMFG_DATA) in the
+    order of PREFERENCE, else ("synthetic", None), the procedural fallback."""
+    from dcmfg.paths import data_dir
+
+    folder = Path(folder) if folder is not None else data_dir()
+    found = find_datasets(folder) if folder is not None else []
+    for name in PREFERENCE:
+        for found_name, root in found:
+            if found_name == name:
+                return name, root
+    return "synthetic", None
