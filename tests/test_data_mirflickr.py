@@ -191,7 +191,8 @@ def test_djsrh_v73_transposed(tmp_path):
     with h5py.File(tmp_path / "mirflickr25k-iall.mat", "r") as f:
         assert f["IAll"].shape == (N, 3, W, H)
     (tmp_path / "common_tags.txt").write_text("".join(f"{w} 20\n" for w in WORDS))
-    d = load_dataset("mirflickr25k", tmp_path)
+    with pytest.warns(UserWarning, match="may name the wrong tags"):  # accepted, with the column-order caveat
+        d = load_dataset("mirflickr25k", tmp_path)
     assert d.layout == "djsrh-mat" and type(d.image_array).__name__ == "H5ImageArray"
     _check(d, images, labels, bag)
 
@@ -252,3 +253,13 @@ def test_v73_cell_array_names_and_pickled_lazy_images(tmp_path):
     back = pickle.loads(pickle.dumps(sub.image_array))
     assert back.shape == (2, H, W, 3) and np.array_equal(np.asarray(back[0]), images[7])
     assert np.array_equal(np.asarray(back), images[[7, 1]])
+
+
+def test_word_lists_of_the_bundle(mirflickr_root):
+    """The per-column .tsv mapping (DCMH YAll order) and common_tags.txt both read as 1,386 words."""
+    from dcmfg.data.matfiles import read_word_list
+
+    tsv = read_word_list(mirflickr_root / "extras" / "dcmh_yall_column_to_tag.tsv")
+    common = read_word_list(mirflickr_root / "mirflickr" / "doc" / "common_tags.txt")
+    assert len(tsv) == len(common) == len(set(tsv)) == 1386 and set(tsv) == set(common)
+    assert tsv[:2] == common[:2] == ["explore", "sky"] and tsv != common  # same words, other column order

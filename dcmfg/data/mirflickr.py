@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -250,7 +251,7 @@ def _load_mat(root: Path, layout: str, word_list) -> CrossModalDataset:
         for p, key in (spec["images"], spec["tags"], spec["labels"]):
             if matfiles.find_key(p, [key]) is None:
                 raise LayoutError(f"{p}: no variable {key} (has: {', '.join(matfiles.mat_keys(p))})")
-    return matfiles.load_mat_set(
+    ds = matfiles.load_mat_set(
         name="mirflickr25k",
         root=root,
         layout=layout,
@@ -260,6 +261,17 @@ def _load_mat(root: Path, layout: str, word_list) -> CrossModalDataset:
         word_hint="e.g. yall_words.txt; DCMH's YAll columns are not in common_tags.txt order",
         **spec,
     )
+    if Path(ds.stats["word_list"]).name in ("common_tags.txt", "TagList.txt"):
+        # DCMH's YAll (which DJSRH's cleared set reuses) orders its columns by frequency with ties broken by first
+        # occurrence: only 217 of 1,386 columns coincide with common_tags.txt, so such texts may name wrong tags.
+        note = (
+            f"{ds.stats['word_list']} names YAll's columns in vocabulary order, but DCMH / DJSRH YAll columns are in "
+            "their own order: texts may name the wrong tags unless this list was made for this file "
+            "(give a per-column list as yall_words.txt to silence this)"
+        )
+        ds.stats["word_list_warning"] = note
+        warnings.warn(note, stacklevel=2)
+    return ds
 
 
 # ------------------------------------------------------------------------------------------------ entry point
