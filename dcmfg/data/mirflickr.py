@@ -42,8 +42,9 @@ def _dirs_near(root: Path, depth: int = 2) -> list[Path]:
     for _ in range(depth):
         nxt = []
         for d in frontier:
-            try:
-                nxt += sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+            try:  # scandir's is_dir() uses the directory entry: no stat per file in a 25,000-image folder
+                with os.scandir(d) as it:
+                    nxt += sorted(Path(e.path) for e in it if not e.name.startswith(".") and e.is_dir())
             except OSError:
                 continue
         found += nxt
