@@ -1,0 +1,387 @@
+"""Frozen backbone features, extracted once and cached on disk.
+
+Layout of one cache (`<cache_root or cache_dir()/features>/<key>/`):
+- `image-00000.safetensors`, ...: per distinct image (a group of captions shares one), `global` (n, Di),
+  `regions` (n, r*r, Di) float16, `valid` (n,) bool;
+- `text-00000.safetensors`, ...: per item, `global` (n, Dt), `words` (n, W_chunk, Dt) float16, `mask` (n, W_chunk);
+- `manifest.json`: the key and what it was made from, counts, dims, and per chunk its range, sha256 and the
+  unreadable images it holds.
+Every file is written atomically and the manifest is rewritten after each chunk, so an interrupted run resumes at
+the first missing chunk. A chunk whose bytes do not match the manifest, or a manifest made for another key, is
+logged and rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from dcmfg.data.base import CrossModalDataset, ImageReadError
+from dcmfg.errors import ConfigError
+from dcmfg.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CHUNK_SIZE = 1024
+
+
+@dataclass
+class FeatureSet:
+    image_global: torch.Tensor  # (N, Di) float16
+    image_regions: torch.Tensor  # (N, R, Di) float16, R = regions * regions (an r x r grid, row-major)
+    text_global: torch.Tensor  # (N, Dt) float16
+    text_words: torch.Tensor  # (N, W, Dt) float16
+    text_mask: torch.Tensor  # (N, W) bool
+    valid: torch.Tensor  # (N,) bool: False where the image could not be read (its features are zeros)
+    key: str
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.image_global.shape[0]
+
+
+def feature_root(cache_root: str | Path | None = None) -> Path:
+    return Path(cache_root) if cache_root is not None else cache_dir() / "features"
+
+
+def _image_units(dataset: CrossModalDataset) -> tuple[np.ndarray, np.ndarray]:
+    """Rows whose image is encoded (the first row of each group) and, per row, the index of its image."""
+    n = len(dataset)
+    if dataset.groups is None:
+        return np.arange(n), np.arange(n)
+    _, first, inverse = np.unique(np.asarray(dataset.groups), return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")  # images in order of first appearance
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return first[order], rank[inverse.reshape(-1)]
+
+
+def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; caches are shared between users of one machine
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> str:
+    """Write a safetensors file via a temp file + rename; returns its sha256."""
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        sha = _sha256(Path(tmp))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return sha
+
+
+def _load_chunk(path: Path, entry: dict, shapes: dict[str, tuple]) -> dict[str, torch.Tensor] | None:
+    """The chunk's tensors if its bytes match the manifest and its shapes are as expected, else None (logged)."""
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        log.warning("%s: listed in the manifest but missing; rebuilding it", path)
+        return None
+    if _sha256(path) != entry.get("sha256"):
+        log.warning("%s: sha256 does not match the manifest (corrupt); rebuilding it", path)
+        return None
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # unreadable despite a matching hash: treat as corrupt
+        log.warning("%s: unreadable (%s); rebuilding it", path, exc)
+        return None
+    for name, shape in shapes.items():
+        got = tuple(tensors[name].shape) if name in tensors else None
+        if got is None or any(s is not None and s != g for s, g in zip(shape, got)) or len(got) != len(shape):
+            log.warning("%s: tensor %r has shape %s, expected %s; rebuilding it", path, name, got, shape)
+            return None
+    return tensors
+
+
+def _resolve_encoders(image_backbone, text_backbone, *, regions, max_words, image_size, device):
+    from dcmfg.backbones import create_image_encoder, create_text_encoder
+
+    img = (create_image_encoder(image_backbone, regions=regions, image_size=image_size, device=device)
+           if isinstance(image_backbone, str) else image_backbone)
+    txt = (create_text_encoder(text_backbone, max_words=max_words, device=device)
+           if isinstance(text_backbone, str) else text_backbone)
+    return img, txt
+
+
+def extract_features(
+    dataset: CrossModalDataset,
+    *,
+    image_backbone="dinov2-small-imgfocus",
+    text_backbone="minilm-l6",
+    regions: int = 4,
+    max_words: int = 32,
+    image_size: int = 224,
+    batch_size: int = 32,
+    on_corrupt: str = "skip",
+    cache_root: str | Path | None = None,
+    progress: bool = True,
+    chunk_size: int = CHUNK_SIZE,
+    device: str = "cpu",
+    on_chunk: Callable[[str], None] | None = None,
+) -> FeatureSet:
+    """Features of every item of `dataset`, from the cache when it holds them, else extracted (and cached).
+
+    `image_backbone` / `text_backbone` are registry names or encoder objects (then `regions`, `image_size`,
+    `max_words` are the encoder's own). `on_chunk(filename)` is called after each chunk is written.
+    """
+    if on_corrupt not in ("skip", "fail"):
+        raise ConfigError(f"on_corrupt must be 'skip' or 'fail', got {on_corrupt!r}")
+    if batch_size < 1 or chunk_size < 1:
+        raise ConfigError(f"batch_size and chunk_size must be >= 1 (got {batch_size}, {chunk_size})")
+    img_enc, txt_enc = _resolve_encoders(image_backbone, text_backbone, regions=regions, max_words=max_words,
+                                         image_size=image_size, device=device)
+    regions = int(getattr(img_enc, "regions", regions))
+    max_words = int(getattr(txt_enc, "max_words", max_words))
+    image_rows, row_to_image = _image_units(dataset)
+    n, m = len(dataset), len(image_rows)
+    material = {
+        "format": FORMAT_VERSION,
+        "dataset": dataset.name,
+        "fingerprint": dataset.fingerprint(),
+        "image_cache_key": img_enc.cache_key,
+        "text_cache_key": txt_enc.cache_key,
+        "regions": regions,
+        "max_words": max_words,
+        "image_size": int(getattr(img_enc, "image_size", image_size)),
+        "chunk_size": chunk_size,
+    }
+    key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:20]
+    folder = feature_root(cache_root) / key
+    folder.mkdir(parents=True, exist_ok=True)
+    dims = {"image": int(img_enc.dim), "text": int(txt_enc.dim), "regions": regions, "max_words": max_words}
+    counts = {"items": n, "images": m}
+
+    manifest = _read_manifest(folder, key, material, dims, counts)
+    plan = [("image", i, s, e) for i, (s, e) in enumerate(_chunks(m, chunk_size))]
+    plan += [("text", i, s, e) for i, (s, e) in enumerate(_chunks(n, chunk_size))]
+    di, dt = dims["image"], dims["text"]
+
+    loaded: dict[str, dict[str, torch.Tensor]] = {}
+    todo = []
+    for kind, i, s, e in plan:
+        fname = f"{kind}-{i:05d}.safetensors"
+        entry = manifest["chunks"].get(fname)
+        shapes = ({"global": (e - s, di), "regions": (e - s, regions * regions, di), "valid": (e - s,)} if kind == "image"
+                  else {"global": (e - s, dt), "words": (e - s, None, dt), "mask": (e - s, None)})
+        ok = entry is not None and (entry["start"], entry["stop"]) == (s, e)
+        tensors = _load_chunk(folder / fname, entry, shapes) if ok else None
+        if tensors is None:
+            manifest["chunks"].pop(fname, None)
+            todo.append((kind, fname, s, e))
+        else:
+            loaded[fname] = tensors
+
+    from_cache = not todo
+    t0 = time.perf_counter()
+    if todo:
+        from tqdm.auto import tqdm
+
+        done = len(plan) - len(todo)
+        log.info("%s: %d of %d chunks cached; extracting %d", folder, done, len(plan), len(todo))
+        total = sum(e - s for _, _, s, e in todo)
+        manifest["complete"] = False
+        with tqdm(total=total, desc=f"features {dataset.name}", unit="item", disable=not progress) as bar:
+            for kind, fname, s, e in todo:
+                if kind == "image":
+                    tensors, corrupt = _extract_images(dataset, image_rows[s:e], img_enc, regions, batch_size,
+                                                       on_corrupt, bar)
+                else:
+                    tensors, corrupt = _extract_texts(dataset, range(s, e), txt_enc, batch_size, bar), []
+                sha = _atomic_save(tensors, folder / fname)
+                manifest["chunks"][fname] = {"kind": kind, "start": s, "stop": e, "sha256": sha, "corrupt": corrupt}
+                _write_manifest(folder, manifest)
+                loaded[fname] = tensors
+                if on_chunk is not None:
+                    on_chunk(fname)
+        manifest["complete"] = True
+        _write_manifest(folder, manifest)
+
+    corrupt = [p for _, ent in sorted(manifest["chunks"].items()) if ent["kind"] == "image" for p in ent["corrupt"]]
+    if corrupt:
+        if on_corrupt == "fail":
+            raise ImageReadError(corrupt[0], "recorded as unreadable when these features were extracted")
+        log.warning("%d unreadable image(s) skipped (valid=False, zero features): %s", len(corrupt),
+                    ", ".join(corrupt))
+    feats = _assemble(loaded, plan, row_to_image, key)
+    feats.meta = {
+        **material,
+        "image_backbone": img_enc.name,
+        "text_backbone": txt_enc.name,
+        "dims": dims,
+        "counts": counts,
+        "corrupt": corrupt,
+        "n_corrupt": len(corrupt),
+        "cache_dir": str(folder),
+        "from_cache": from_cache,
+        "extract_seconds": 0.0 if from_cache else time.perf_counter() - t0,
+        "created": manifest["created"],
+    }
+    return feats
+
+
+def _read_manifest(folder: Path, key: str, material: dict, dims: dict, counts: dict) -> dict:
+    """The folder's manifest if it was made for this key, else a fresh one (a stale or unreadable one is logged)."""
+    fresh = {"format": FORMAT_VERSION, "key": key, "material": material, "dims": dims, "counts": counts,
+             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "complete": False, "chunks": {}}
+    path = folder / "manifest.json"
+    if not path.exists():
+        return fresh
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("%s: unreadable manifest (%s); rebuilding the cache", path, exc)
+        return fresh
+    want = (key, material, dims, counts)
+    got = tuple(old.get(k) for k in ("key", "material", "dims", "counts")) if isinstance(old, dict) else None
+    if got != want or not isinstance(old.get("chunks"), dict):
+        log.warning("%s: stale manifest (made for another key, backbone or dataset); rebuilding the cache", path)
+        return fresh
+    return old
+
+
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    manifest["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    _atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=1))
+
+
+def _extract_images(dataset, rows, enc, regions, batch_size, on_corrupt, bar) -> tuple[dict, list[str]]:
+    n = len(rows)
+    g = torch.zeros(n, enc.dim, dtype=torch.float16)
+    r = torch.zeros(n, regions * regions, enc.dim, dtype=torch.float16)
+    valid = torch.zeros(n, dtype=torch.bool)
+    corrupt: list[str] = []
+    for s in range(0, n, batch_size):
+        images, slots = [], []
+        for j in range(s, min(s + batch_size, n)):
+            try:
+                images.append(dataset.image(int(rows[j])))
+                slots.append(j)
+            except ImageReadError as exc:
+                if on_corrupt == "fail":
+                    raise
+                log.warning("skipping unreadable image: %s", exc)
+                corrupt.append(dataset.image_key(int(rows[j])))
+        if images:
+            out = enc.encode(images)
+            idx = torch.tensor(slots)
+            g[idx] = out.globals.to(torch.float16)
+            r[idx] = out.tokens.to(torch.float16)
+            valid[idx] = True
+        bar.update(min(s + batch_size, n) - s)
+    return {"global": g, "regions": r, "valid": valid}, corrupt
+
+
+def _extract_texts(dataset, rows, enc, batch_size, bar) -> dict:
+    rows = list(rows)
+    outs = []
+    for s in range(0, len(rows), batch_size):
+        batch = rows[s:s + batch_size]
+        outs.append(enc.encode([dataset.text(i) for i in batch]))
+        bar.update(len(batch))
+    w = max(o.tokens.shape[1] for o in outs)
+    words = torch.cat([_pad(o.tokens, w) for o in outs]).to(torch.float16)
+    mask = torch.cat([_pad(o.mask, w) for o in outs])
+    return {"global": torch.cat([o.globals for o in outs]).to(torch.float16), "words": words, "mask": mask}
+
+
+def _pad(x: torch.Tensor, w: int) -> torch.Tensor:
+    """Pad dim 1 with zeros (False for masks) up to w."""
+    if x.shape[1] == w:
+        return x
+    pad = torch.zeros((x.shape[0], w - x.shape[1], *x.shape[2:]), dtype=x.dtype)
+    return torch.cat([x, pad], dim=1)
+
+
+def _assemble(loaded: dict, plan: list, row_to_image: np.ndarray, key: str) -> FeatureSet:
+    img = [loaded[f"image-{i:05d}.safetensors"] for kind, i, _, _ in plan if kind == "image"]
+    txt = [loaded[f"text-{i:05d}.safetensors"] for kind, i, _, _ in plan if kind == "text"]
+    idx = torch.from_numpy(np.asarray(row_to_image, dtype=np.int64))
+    w = max(t["words"].shape[1] for t in txt)
+    return FeatureSet(
+        image_global=torch.cat([c["global"] for c in img])[idx],
+        image_regions=torch.cat([c["regions"] for c in img])[idx],
+        text_global=torch.cat([c["global"] for c in txt]),
+        text_words=torch.cat([_pad(c["words"], w) for c in txt]),
+        text_mask=torch.cat([_pad(c["mask"], w) for c in txt]),
+        valid=torch.cat([c["valid"] for c in img])[idx],
+        key=key,
+    )
+
+
+# ---- command line ------------------------------------------------------------------------------------------------
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("features", help="extract and cache backbone features")
+    sub = p.add_subparsers(dest="features_command", required=True)
+    e = sub.add_parser("extract", help="extract (or load from cache) the features of a dataset")
+    e.add_argument("--dataset", required=True, help="dataset name (mirflickr25k, nuswide, mscoco, manifest, ...)")
+    e.add_argument("--root", default=None, help="dataset folder")
+    e.add_argument("--image-backbone", default="dinov2-small-imgfocus")
+    e.add_argument("--text-backbone", default="minilm-l6")
+    e.add_argument("--regions", type=int, default=4)
+    e.add_argument("--max-words", type=int, default=32)
+    e.add_argument("--image-size", type=int, default=224)
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--on-corrupt", choices=["skip", "fail"], default="skip")
+    e.add_argument("--cache-root", default=None, help="features cache folder (default: $DCMFG_CACHE/features)")
+    e.add_argument("--device", default="cpu")
+    e.set_defaults(func=_cmd_extract)
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from dcmfg.data import load_dataset
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    dataset = load_dataset(args.dataset, args.root)
+    t0 = time.perf_counter()
+    fs = extract_features(
+        dataset, image_backbone=args.image_backbone, text_backbone=args.text_backbone, regions=args.regions,
+        max_words=args.max_words, image_size=args.image_size, batch_size=args.batch_size,
+        on_corrupt=args.on_corrupt, cache_root=args.cache_root, device=args.device,
+    )
+    dt = time.perf_counter() - t0
+    m = fs.meta
+    print(f"{dataset.name}: {m['counts']['items']} items, {m['counts']['images']} images, "
+          f"{m['n_corrupt']} unreadable; image {tuple(fs.image_regions.shape)} text {tuple(fs.text_words.shape)}")
+    print(f"{'loaded from cache' if m['from_cache'] else 'extracted'} in {dt:.1f} s; cache: {m['cache_dir']}")
+    return 0

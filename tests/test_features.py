@@ -1,0 +1,266 @@
+"""Feature cache: shapes, cache hits that run no encoder, resume after an interruption, corrupt chunks and stale
+manifests rebuilt, unreadable images skipped-and-counted or fatal, caption groups encoded once, the real subset."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dcmfg.backbones import create_image_encoder, create_text_encoder
+from dcmfg.data.base import CrossModalDataset, ImageReadError
+from dcmfg.features import extract_features
+
+IDS = [1, 2, 3, 4, 5]
+
+
+@pytest.fixture(scope="module")
+def encoders():
+    return create_image_encoder(), create_text_encoder()
+
+
+def _tiny(mirflickr_root: Path, folder: Path, *, corrupt: int | None = None, texts=None) -> CrossModalDataset:
+    """A 5-item dataset of real subset images and tags, copied into `folder` (optionally one truncated JPEG)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    src = mirflickr_root / "mirflickr"
+    paths, tags = [], []
+    for i in IDS:
+        dst = folder / f"im{i}.jpg"
+        shutil.copy(src / f"im{i}.jpg", dst)
+        paths.append(dst)
+        tags.append(" ".join((src / "meta" / "tags" / f"tags{i}.txt").read_text().split()))
+    if corrupt is not None:
+        data = paths[corrupt].read_bytes()
+        paths[corrupt].write_bytes(data[: len(data) // 3])  # truncated: the decoder fails
+    labels = np.eye(len(IDS), 3, dtype=np.uint8)
+    return CrossModalDataset("tiny", folder, "test", [str(i) for i in IDS], texts or tags, labels,
+                             ["a", "b", "c"], image_paths=paths)
+
+
+def _counts(encoders) -> tuple[int, int]:
+    return encoders[0].n_encoded, encoders[1].n_encoded
+
+
+def _extract(ds, encoders, root, **kw):
+    kw = {"chunk_size": 2, "batch_size": 2, "progress": False, **kw}
+    return extract_features(ds, image_backbone=encoders[0], text_backbone=encoders[1], cache_root=root, **kw)
+
+
+def _same(a, b) -> None:
+    for name in ("image_global", "image_regions", "text_global", "text_words", "text_mask", "valid"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+@pytest.fixture(scope="module")
+def reference(encoders, mirflickr_root, tmp_path_factory):
+    """One uninterrupted extraction of the tiny set, to compare every other path against."""
+    tmp = tmp_path_factory.mktemp("ref")
+    ds = _tiny(mirflickr_root, tmp / "data")
+    return ds, _extract(ds, encoders, tmp / "cache")
+
+
+def test_shapes_dtypes_and_values(reference, encoders):
+    ds, fs = reference
+    n = len(IDS)
+    assert fs.image_global.shape == (n, 384) and fs.image_regions.shape == (n, 16, 384)
+    assert fs.text_global.shape == (n, 384)
+    words = [len(t.split()) for t in ds.texts]
+    assert fs.text_words.shape == (n, max(words), 384) and fs.text_mask.shape == (n, max(words))
+    assert fs.text_mask.sum(1).tolist() == words
+    assert all(t.dtype == torch.float16 for t in (fs.image_global, fs.image_regions, fs.text_global, fs.text_words))
+    assert fs.text_mask.dtype == torch.bool and fs.valid.dtype == torch.bool and fs.valid.all()
+    # the cached numbers are the encoders' outputs (up to float16)
+    direct_img = encoders[0].encode([ds.image(3)])
+    direct_txt = encoders[1].encode([ds.text(3)])
+    assert torch.allclose(fs.image_global[3].float(), direct_img.globals[0], atol=2e-2, rtol=1e-2)
+    assert torch.allclose(fs.text_global[3].float(), direct_txt.globals[0], atol=2e-3)
+    assert fs.meta["n_corrupt"] == 0 and fs.meta["counts"] == {"items": n, "images": n}
+    manifest = json.loads((Path(fs.meta["cache_dir"]) / "manifest.json").read_text())
+    assert manifest["key"] == fs.key and manifest["complete"]
+    assert len(manifest["chunks"]) == 6  # 3 image + 3 text chunks of 2
+    assert all(len(e["sha256"]) == 64 for e in manifest["chunks"].values())
+
+
+def test_second_call_is_a_cache_hit(reference, encoders, tmp_path, mirflickr_root):
+    ds, ref = reference
+    root = Path(ref.meta["cache_dir"]).parent
+    before = _counts(encoders)
+    again = _extract(ds, encoders, root)
+    assert _counts(encoders) == before  # no encoder ran
+    assert again.meta["from_cache"] and again.key == ref.key
+    _same(again, ref)
+
+
+def test_resume_after_interruption(reference, encoders, tmp_path, mirflickr_root):
+    ds = _tiny(mirflickr_root, tmp_path / "data")
+
+    def stop(fname):
+        raise KeyboardInterrupt(f"simulated interruption after {fname}")
+
+    before = _counts(encoders)
+    with pytest.raises(KeyboardInterrupt):
+        _extract(ds, encoders, tmp_path / "cache", on_chunk=stop)
+    assert _counts(encoders) == (before[0] + 2, before[1])  # one image chunk of 2 was written
+    seen = []
+    before = _counts(encoders)
+    fs = _extract(ds, encoders, tmp_path / "cache", on_chunk=seen.append)
+    assert "image-00000.safetensors" not in seen and len(seen) == 5  # continues at the first missing chunk
+    assert _counts(encoders) == (before[0] + len(IDS) - 2, before[1] + len(IDS))
+    _same(fs, reference[1])
+
+
+def test_corrupt_chunk_is_detected_and_rebuilt(reference, encoders, tmp_path, mirflickr_root, caplog):
+    ds = _tiny(mirflickr_root, tmp_path / "data")
+    fs = _extract(ds, encoders, tmp_path / "cache")
+    chunk = Path(fs.meta["cache_dir"]) / "text-00001.safetensors"
+    raw = bytearray(chunk.read_bytes())
+    raw[-10:] = b"\x7f" * 10  # same size, different numbers: only the hash can tell
+    chunk.write_bytes(bytes(raw))
+    before = _counts(encoders)
+    with caplog.at_level(logging.WARNING, logger="dcmfg.features"):
+        again = _extract(ds, encoders, tmp_path / "cache")
+    assert "text-00001.safetensors: sha256 does not match" in caplog.text
+    assert _counts(encoders) == (before[0], before[1] + 2)  # only that chunk was re-encoded
+    _same(again, reference[1])
+    # a chunk that is not even a safetensors file (and its manifest hash made to match) is caught as unreadable
+    bad = Path(fs.meta["cache_dir"]) / "image-00002.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    manifest_path = bad.parent / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    import hashlib
+
+    manifest["chunks"][bad.name]["sha256"] = hashlib.sha256(bad.read_bytes()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dcmfg.features"):
+        third = _extract(ds, encoders, tmp_path / "cache")
+    assert "image-00002.safetensors: unreadable" in caplog.text
+    _same(third, reference[1])
+
+
+def test_stale_manifest_and_changed_dataset_are_not_reused(reference, encoders, tmp_path, mirflickr_root, caplog):
+    ds = _tiny(mirflickr_root, tmp_path / "data")
+    fs = _extract(ds, encoders, tmp_path / "cache")
+    manifest_path = Path(fs.meta["cache_dir"]) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["dims"]["image"] = 768  # as if made with another backbone
+    manifest_path.write_text(json.dumps(manifest))
+    before = _counts(encoders)
+    with caplog.at_level(logging.WARNING, logger="dcmfg.features"):
+        again = _extract(ds, encoders, tmp_path / "cache")
+    assert "stale manifest" in caplog.text
+    assert _counts(encoders) == (before[0] + len(IDS), before[1] + len(IDS))
+    _same(again, reference[1])
+    # another text -> another dataset fingerprint -> another key: nothing is reused
+    texts = list(ds.texts)
+    texts[0] = "something else entirely"
+    other = _tiny(mirflickr_root, tmp_path / "data2", texts=texts)
+    before = _counts(encoders)
+    changed = _extract(other, encoders, tmp_path / "cache")
+    assert changed.key != fs.key and not changed.meta["from_cache"]
+    assert _counts(encoders) == (before[0] + len(IDS), before[1] + len(IDS))
+    assert not torch.equal(changed.text_global[0], fs.text_global[0])
+    # row 1 shared a padded batch with row 0, so only numerically equal; rows 2.. are bit-identical
+    assert torch.allclose(changed.text_global[1].float(), fs.text_global[1].float(), atol=2e-3)
+    assert torch.equal(changed.text_global[2:], fs.text_global[2:])
+
+
+def test_corrupt_jpeg_skipped_and_counted_or_fatal(reference, encoders, tmp_path, mirflickr_root, caplog):
+    ds = _tiny(mirflickr_root, tmp_path / "data", corrupt=2)
+    bad = str(ds.image_paths[2])
+    with pytest.raises(ImageReadError, match="im3.jpg"):
+        _extract(ds, encoders, tmp_path / "cache", on_corrupt="fail")
+    with caplog.at_level(logging.WARNING, logger="dcmfg.features"):
+        fs = _extract(ds, encoders, tmp_path / "cache", on_corrupt="skip")
+    assert fs.valid.tolist() == [True, True, False, True, True]
+    assert fs.meta["n_corrupt"] == 1 and fs.meta["corrupt"] == [bad]
+    assert bad in caplog.text
+    assert (fs.image_global[2] == 0).all() and (fs.image_regions[2] == 0).all()
+    ref = reference[1]
+    assert torch.equal(fs.image_global[[0, 1, 3, 4]], ref.image_global[[0, 1, 3, 4]])
+    assert torch.equal(fs.text_global, ref.text_global)  # the text of that item is still there
+    # from the cache: still counted, and still fatal under "fail"
+    hit = _extract(ds, encoders, tmp_path / "cache")
+    assert hit.meta["from_cache"] and hit.meta["corrupt"] == [bad]
+    with pytest.raises(ImageReadError, match="im3.jpg"):
+        _extract(ds, encoders, tmp_path / "cache", on_corrupt="fail")
+
+
+def test_caption_groups_encode_each_image_once(reference, encoders, tmp_path, mirflickr_root):
+    base = _tiny(mirflickr_root, tmp_path / "data")
+    # 7 captions of 3 images: rows 0,1 -> image 1; rows 2,3,4 -> image 2; rows 5,6 -> image 3
+    rows = [0, 0, 1, 1, 1, 2, 2]
+    ds = CrossModalDataset(
+        "tiny-groups", base.root, "test", [f"{i}#{k}" for k, i in enumerate(rows)],
+        [f"{base.texts[i]} caption {k}" for k, i in enumerate(rows)], np.ones((7, 1), np.uint8), ["x"],
+        image_paths=[base.image_paths[i] for i in rows], groups=np.array(rows),
+    )
+    before = _counts(encoders)
+    fs = _extract(ds, encoders, tmp_path / "cache")
+    assert _counts(encoders) == (before[0] + 3, before[1] + 7)
+    assert fs.meta["counts"] == {"items": 7, "images": 3}
+    assert fs.image_global.shape == (7, 384)
+    for k, i in enumerate(rows):
+        assert torch.equal(fs.image_global[k], reference[1].image_global[i])
+        assert torch.equal(fs.image_regions[k], reference[1].image_regions[i])
+
+
+def test_bad_options_are_refused(reference, encoders, tmp_path):
+    from dcmfg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="on_corrupt"):
+        _extract(reference[0], encoders, tmp_path, on_corrupt="ignore")
+
+
+def test_cli_extract_on_a_manifest(mirflickr_root, tmp_path, capsys):
+    """`dcmfg features extract` end to end on a bring-your-own JSONL manifest of real images."""
+    import argparse
+
+    from dcmfg import features
+
+    (tmp_path / "img").mkdir()
+    lines = []
+    for i in IDS[:3]:
+        shutil.copy(mirflickr_root / "mirflickr" / f"im{i}.jpg", tmp_path / "img" / f"im{i}.jpg")
+        tags = (mirflickr_root / "mirflickr" / "meta" / "tags" / f"tags{i}.txt").read_text().split()
+        lines.append(json.dumps({"image": f"img/im{i}.jpg", "text": " ".join(tags), "labels": ["a"]}))
+    (tmp_path / "items.jsonl").write_text("\n".join(lines) + "\n")
+    parser = argparse.ArgumentParser()
+    features.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["features", "extract", "--dataset", "manifest", "--root", str(tmp_path / "items.jsonl"),
+                              "--cache-root", str(tmp_path / "cache"), "--batch-size", "2"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "3 items, 3 images, 0 unreadable" in out and str(tmp_path / "cache") in out
+
+
+@pytest.mark.slow
+def test_real_subset_features(mirflickr_root):
+    """The 730 cleaned MIRFlickr pairs with the default backbones, into the shared test cache (reused by the
+    model and study tests, which call extract_features the same way)."""
+    from dcmfg.data import load_dataset
+
+    ds = load_dataset("mirflickr25k", mirflickr_root)
+    assert len(ds) == 730
+    fs = extract_features(ds, progress=False)
+    assert fs.image_global.shape == (730, 384) and fs.image_regions.shape == (730, 16, 384)
+    assert fs.text_global.shape == (730, 384) and fs.text_words.shape[0] == 730
+    assert fs.valid.all() and fs.meta["n_corrupt"] == 0
+    assert (fs.text_mask.sum(1) >= 1).all()  # every cleaned pair has >= 1 tag
+    assert fs.text_words.shape[1] == min(32, max(len(t.split()) for t in ds.texts))
+    # nearest image neighbours (cosine on DINOv2 globals) share a label far more often than random pairs do
+    g = torch.nn.functional.normalize(fs.image_global.float(), dim=1)
+    sim = g @ g.T
+    sim.fill_diagonal_(-2)
+    nn = sim.argmax(1)
+    labels = torch.as_tensor(ds.labels, dtype=torch.float32)
+    share_nn = ((labels * labels[nn]).sum(1) > 0).float().mean()
+    share_all = ((labels @ labels.T) > 0).float().mean()
+    assert share_nn > share_all + 0.05
+    again = extract_features(ds, progress=False)
+    assert again.meta["from_cache"]
