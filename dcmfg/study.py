@@ -37,8 +37,6 @@ NOTEBOOKS = [
     "08-comparison",
     "09-reproducibility",
 ]
-# Preference when DCMFG_DATA holds several datasets: the paper's benchmarks first.
-DATASET_PREFERENCE = ["mirflickr25k", "nuswide", "mscoco", "manifest"]
 
 
 def repo_dir() -> Path:
@@ -137,13 +135,11 @@ def resolve_dataset(dataset: str = "auto", data_root: str = "") -> DataChoice:
         return DataChoice("synthetic", "", True, "DCMFG_DATA is not set, so no real dataset was available")
     if not folder.is_dir():
         return DataChoice("synthetic", "", True, f"the data folder {folder} does not exist")
-    from dcmfg.data.discover import find_datasets
+    from dcmfg.data.discover import pick_dataset
 
-    found = find_datasets(folder)
-    if not found:
+    name, root = pick_dataset(folder)
+    if name == "synthetic":
         return DataChoice("synthetic", "", True, f"no dataset in a recognised layout was found under {folder}")
-    rank = {n: i for i, n in enumerate(DATASET_PREFERENCE)}
-    name, root = sorted(found, key=lambda nr: rank.get(nr[0], len(rank)))[0]
     return DataChoice(name, str(root), False, f"found {name} under {folder}")
 
 
@@ -223,6 +219,87 @@ def write_json(path: str | os.PathLike, obj) -> None:
     _atomic_write_text(Path(path), json.dumps(obj, indent=1, default=str))
 
 
+def _set_dotted(values: dict, dotted: str, value) -> None:
+    node = values
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def study_data_overrides(data_info: dict) -> dict:
+    """Config values that point a training run at the study's dataset (from 01-data's data.json)."""
+    if data_info["synthetic"]:
+        return {"data.name": "synthetic", "data.root": None,
+                "data.options": {"n": int(data_info["synthetic_n"]), "seed": int(data_info["synthetic_seed"])}}
+    return {"data.name": data_info["loader"], "data.root": data_info["root"]}
+
+
+def train_run(model: str, work: Path, split_file: str, seed: int, settings: dict, group: str = "runs",
+              data=None) -> dict:
+    """Train `configs/<model>.yaml` with dotted `settings` on one split file; returns its report.json plus timing.
+
+    The run folder is named by a hash of the full config and the split file's bytes: the same config on the same
+    split is deterministic on CPU, so a finished run is read back instead of trained again (rerunning the study
+    after a change only trains what changed).
+    """
+    import hashlib
+
+    from dcmfg.config import config_from_dict
+
+    path = repo_dir() / "configs" / f"{model}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path}: no config for model {model!r}")
+    values = yaml.safe_load(path.read_text()) or {}
+    for dotted, value in {**settings, "data.split": str(split_file), "seed": int(seed)}.items():
+        _set_dotted(values, dotted, value)
+    values.setdefault("train", {})["progress"] = False
+    cfg = config_from_dict(values)
+    digest = hashlib.sha256(cfg.to_json().encode() + Path(split_file).read_bytes()).hexdigest()[:12]
+    out = Path(work) / group / f"{model}-{digest}"
+    done = out / "study-run.json"
+    if done.is_file() and (out / "report.json").is_file():
+        info = json.loads(done.read_text())
+        return {**json.loads((out / "report.json").read_text()), "run_dir": str(out), "seconds": info["seconds"],
+                "reused": True}
+    from dcmfg.train import train
+
+    t0 = time.perf_counter()
+    result = train(cfg, out, data=data)
+    seconds = time.perf_counter() - t0
+    _atomic_write_text(done, json.dumps({"seconds": seconds, "model": model, "seed": int(seed), "settings": settings},
+                                        default=str))
+    return {**result.report, "run_dir": str(out), "seconds": seconds, "reused": False,
+            "history": result.history}
+
+
+def run_embeddings(run_dir: str | os.PathLike) -> dict:
+    """A finished run's query and database embeddings (inductive: bank = its training split), for curves and
+    metrics the run's report does not hold. Returns query/database {"image": {"z", "h"}, "text": ...} and labels."""
+    import numpy as np
+    import torch
+
+    from dcmfg.evaluate import embed_parts, load_checkpoint_model, load_data
+
+    model, cfg, meta = load_checkpoint_model(run_dir)
+    data = load_data(cfg, Path(run_dir))
+    q_idx, db_idx = data.part("query"), data.part("database")
+    with torch.no_grad():
+        emb = embed_parts(model, data, data.part("train"), np.concatenate([q_idx, db_idx]))
+    nq = len(q_idx)
+    return {
+        "query": {m: {k: v[:nq] for k, v in e.items()} for m, e in emb.items()},
+        "database": {m: {k: v[nq:] for k, v in e.items()} for m, e in emb.items()},
+        "query_labels": data.labels[q_idx],
+        "database_labels": data.labels[db_idx],
+        "query_idx": q_idx,
+        "database_idx": db_idx,
+        "config": cfg,
+        "model": model,
+        "data": data,
+    }
+
+
 # --------------------------------------------------------------------------------------------- running
 @dataclass
 class NotebookRun:
@@ -275,6 +352,10 @@ def run_notebooks(
     out_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
     runs: list[NotebookRun] = []
+    # The kernels inherit these: no progress bars or hub chatter in the executed notebooks.
+    for key, value in {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+                       "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}.items():
+        os.environ.setdefault(key, value)
     timings_path = work_dir / "study-timings.json"
     timings = []
     for nb in notebooks or NOTEBOOKS:
