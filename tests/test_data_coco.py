@@ -217,3 +217,21 @@ def test_splits_are_made_by_group(tmp_path):
     full = group_exclusion_mask(ds.groups[s["query"]], ds.groups)
     sizes = np.bincount(ds.groups)
     np.testing.assert_array_equal(full.sum(1).numpy(), sizes[ds.groups[s["query"]]])  # itself + its siblings
+
+
+def test_root_from_dcmfg_data(coco_root, monkeypatch):
+    monkeypatch.setenv("DCMFG_DATA", str(coco_root.parent))
+    assert load_dataset("mscoco").ids == ["9", "25", "42", "7", "8"]
+    monkeypatch.setenv("DCMFG_DATA", str(coco_root / "train2014"))
+    with pytest.raises(LayoutError, match="none found under DCMFG_DATA"):
+        load_dataset("mscoco")
+
+
+def test_detected_and_summarised_by_data_info(coco_root, capsys):
+    from dcmfg.cli import main
+    from dcmfg.data.discover import detect
+
+    assert [n for n, _ in detect(coco_root)] == ["mscoco"]
+    assert main(["data", "info", str(coco_root), "--option", "captions=all"]) == 0
+    out = capsys.readouterr().out
+    assert "mscoco" in out and "coco2014" in out and "dropped_no_label: 1" in out

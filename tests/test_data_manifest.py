@@ -179,3 +179,17 @@ def test_finding_the_manifest(tmp_path, jsonl_root):
     (tmp_path / "latin" / "manifest.jsonl").write_bytes(b'{"image": "caf\xe9.jpg"}\n')
     with pytest.raises(DatasetError, match="not UTF-8"):
         load_dataset("manifest", tmp_path / "latin")
+
+
+def test_root_from_dcmfg_data(jsonl_root, monkeypatch):
+    monkeypatch.setenv("DCMFG_DATA", str(jsonl_root.parent))
+    assert load_dataset("manifest").ids == ["img/a.jpg", "img/b.jpg", "img/sub/c.png"]
+
+
+def test_detected_and_summarised_by_data_info(jsonl_root, capsys):
+    from dcmfg.cli import main
+    from dcmfg.data.discover import detect
+
+    assert [n for n, _ in detect(jsonl_root)] == ["manifest"]
+    assert main(["data", "info", str(jsonl_root)]) == 0
+    assert "manifest-jsonl" in capsys.readouterr().out

@@ -45,8 +45,10 @@ def looks_like_manifest(path) -> bool:
 
 def find_manifest(root) -> Path:
     """The manifest file named by `root`: the file itself, or the one manifest.jsonl / manifest.csv in a folder."""
-    if root is None:
-        raise LayoutError("manifest needs a path (a .jsonl / .csv file, or a folder holding manifest.jsonl or manifest.csv)")
+    if root is None:  # the manifest folder found under DCMFG_DATA, as for the other datasets
+        from .discover import default_root
+
+        root = default_root("manifest")
     root = Path(root)
     if root.is_file():
         if root.suffix.lower() not in (".jsonl", ".csv"):

@@ -240,8 +240,10 @@ def load_mscoco(
         only if nothing else is found, so a val-only download works).
     missing_images: "error" (default: name the first missing files) or "drop" (count in stats["dropped_missing_image"]).
     """
-    if root is None:
-        raise LayoutError("mscoco needs a root folder (the one holding annotations/ and train2014/ ...)")
+    if root is None:  # the COCO folder found under DCMFG_DATA, as for the other datasets
+        from .discover import default_root
+
+        root = default_root("mscoco")
     root = Path(root)
     if not root.is_dir():
         raise LayoutError(f"{root}: not a folder")
