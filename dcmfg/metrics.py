@@ -188,11 +188,12 @@ def _chunk_rows(n_query: int, n_database: int, chunk_size: int | None) -> Iterat
 
 
 def _distances(p: _Prepared, rows: slice) -> torch.Tensor:
-    """(chunk, N) float32, lower = better: -cosine, or the Hamming distance (exact small integers)."""
-    ip = p.query[rows] @ p.database.T
+    """(chunk, N) float32, lower = better: -cosine, or the Hamming distance (b - <q, x>) / 2 of +-1 codes (exact
+    small integers). One matrix product each, the affine part folded into it."""
+    q = p.query[rows]
     if p.distance == "cosine":
-        return ip.neg_()
-    return ip.neg_().add_(p.query.shape[1]).mul_(0.5).round_()
+        return torch.addmm(q.new_zeros(()), q, p.database.T, beta=0, alpha=-1)
+    return torch.addmm(q.new_tensor(p.query.shape[1] / 2), q, p.database.T, alpha=-0.5)
 
 
 def _shared_labels(p: _Prepared, rows: slice) -> torch.Tensor:
@@ -224,6 +225,11 @@ def _ap_stable_sums(rel_sorted: torch.Tensor, ks: list[int]) -> tuple[torch.Tens
     """For each K: sum of precision@rank over relevant items in the top K, and relevant items in the top K."""
     relf = rel_sorted.to(torch.float64)
     hits = torch.cumsum(relf, dim=1)
+    ranks = torch.arange(1, relf.shape[1] + 1, dtype=torch.float64, device=relf.device)
+    if len(ks) == 1:  # one K: a sum instead of a second cumsum
+        k = ks[0]
+        found = hits[:, k - 1 : k].clone()
+        return hits[:, :k].div_(ranks[:k]).mul_(relf[:, :k]).sum(1, keepdim=True), found
     cols = torch.tensor([k - 1 for k in ks], device=relf.device)
     found = hits.index_select(1, cols)
     ranks = torch.arange(1, relf.shape[1] + 1, dtype=torch.float64, device=relf.device)
@@ -231,14 +237,32 @@ def _ap_stable_sums(rel_sorted: torch.Tensor, ks: list[int]) -> tuple[torch.Tens
     return contrib.index_select(1, cols), found
 
 
-def _hamming_histograms(dist: torch.Tensor, rel: torch.Tensor, n_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query and Hamming distance d = 0..b: (items at d, relevant items at d), float64, one scatter pass."""
-    # key = 2 d + relevant: one scatter of ones gives both counts.
-    keys = dist.mul(2).add_(rel).long()
-    h = torch.zeros(dist.shape[0], 2 * (n_bits + 1), dtype=torch.float32, device=dist.device)
-    h.scatter_add_(1, keys, torch.ones(1, 1, device=dist.device).expand_as(keys))
-    h = h.double().view(dist.shape[0], n_bits + 1, 2)
-    return h.sum(2), h[:, :, 1]
+_FUSED_HISTOGRAM_BINS = 1 << 14
+
+
+def _hamming_histograms(p: _Prepared, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query and Hamming distance d = 0..b: (items at d, relevant items at d), float64. No sort.
+
+    key = (b + 1) * shared_labels + d comes out of ONE matrix product of [(b + 1) l_q, -q / 2] and [l_x, x]
+    (plus b / 2; every term is exact in float32), and one scatter of ones into (b + 1) x (C + 1) bins per query
+    counts both histograms at once.
+    """
+    q, ql = p.query[rows], p.query_labels[rows]
+    n_bits, n_labels = p.query.shape[1], p.query_labels.shape[1]
+    width = n_bits + 1
+    if width * (n_labels + 1) <= _FUSED_HISTOGRAM_BINS:
+        a = torch.cat([ql * width, q * -0.5], dim=1)
+        b = torch.cat([p.database_labels, p.database], dim=1)
+        keys = torch.addmm(q.new_tensor(n_bits / 2), a, b.T).long()
+        n_bins = width * (n_labels + 1)
+    else:  # many labels: relevance first, key = 2 d + relevant
+        keys = _distances(p, rows).mul_(2).add_(_shared_labels(p, rows).clamp_(max=1)).long()
+        keys = keys // 2 + (keys % 2) * width
+        n_bins = 2 * width
+    h = torch.zeros(keys.shape[0], n_bins, dtype=torch.float32, device=keys.device)
+    h.scatter_add_(1, keys, torch.ones(1, 1, device=keys.device).expand_as(keys))
+    h = h.double().view(keys.shape[0], -1, width)
+    return h.sum(1), h[:, 1:].sum(1)
 
 
 def _tie_groups(dist_sorted: torch.Tensor, rel_sorted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,24 +350,25 @@ def mean_average_precision(
     per_query = torch.empty(p.n_query, dtype=torch.float64, device=p.device)
     n_rel = torch.empty(p.n_query, dtype=torch.float64, device=p.device)
     for rows in _chunk_rows(p.n_query, n_db, chunk_size):
-        dist = _distances(p, rows)
-        rel = _shared_labels(p, rows) > 0
-        big_r = rel.sum(1).double()
-        n_rel[rows] = big_r
         if ties == "stable":
-            order = _stable_order(dist, kk)
+            rel = _shared_labels(p, rows) > 0
+            order = _stable_order(_distances(p, rows), kk)
             sums, found = _ap_stable_sums(rel.gather(1, order), [kk])
+            del order
+            big_r = found[:, 0] if kk == n_db else torch.count_nonzero(rel, dim=1).double()
             den = big_r.clamp(max=kk) if denominator == "relevant" else found[:, 0]
             sums = sums[:, 0]
         else:
             if p.distance == "hamming":
-                n, r = _hamming_histograms(dist, rel, p.query.shape[1])
+                n, r = _hamming_histograms(p, rows)
             else:
-                dist_sorted, order = torch.sort(dist, dim=1, stable=True)
-                n, r = _tie_groups(dist_sorted, rel.gather(1, order))
+                dist_sorted, order = torch.sort(_distances(p, rows), dim=1, stable=True)
+                n, r = _tie_groups(dist_sorted, (_shared_labels(p, rows) > 0).gather(1, order))
                 del dist_sorted, order
+            big_r = r.sum(1)
             sums = _expected_ap_sums(n, r, [kk], harmonic)[:, 0]
             den = big_r.clamp(max=kk)
+        n_rel[rows] = big_r
         per_query[rows] = torch.where(den > 0, sums / den.clamp(min=1), 0.0)
     mean, per_query = _finish(per_query, n_rel == 0, empty)
     return (mean, per_query) if return_per_query else mean
@@ -371,7 +396,7 @@ def _ranked_counts(p: _Prepared, ks: list[int], chunk_size: int | None) -> tuple
     cols = torch.tensor([k - 1 for k in ks], device=p.device)
     for rows in _chunk_rows(p.n_query, p.n_database, chunk_size):
         rel = _shared_labels(p, rows) > 0
-        n_rel[rows] = rel.sum(1).double()
+        n_rel[rows] = torch.count_nonzero(rel, dim=1).double()
         rel_sorted = rel.gather(1, _stable_order(_distances(p, rows), kmax))
         hits[rows] = torch.cumsum(rel_sorted, dim=1, dtype=torch.float64).index_select(1, cols)
     return hits, n_rel
@@ -452,9 +477,8 @@ def pr_curve_hamming(
     found = torch.empty_like(total)
     n_rel = torch.empty(p.n_query, dtype=torch.float64, device=p.device)
     for rows in _chunk_rows(p.n_query, p.n_database, chunk_size):
-        rel = _shared_labels(p, rows) > 0
-        n_rel[rows] = rel.sum(1).double()
-        n, r = _hamming_histograms(_distances(p, rows), rel, n_bits)
+        n, r = _hamming_histograms(p, rows)
+        n_rel[rows] = r.sum(1)
         total[rows] = torch.cumsum(n, 1)
         found[rows] = torch.cumsum(r, 1)
     keep = n_rel > 0 if empty == "exclude" else torch.ones_like(n_rel, dtype=torch.bool)
@@ -509,7 +533,7 @@ def ndcg_at_k(
 
     for rows in _chunk_rows(p.n_query, p.n_database, chunk_size):
         shared = _shared_labels(p, rows)
-        n_rel[rows] = (shared > 0).sum(1).double()
+        n_rel[rows] = torch.count_nonzero(shared, dim=1).double()
         got = dcg(shared.gather(1, _stable_order(_distances(p, rows), kmax)))
         ideal = dcg(torch.topk(shared, kmax, dim=1, sorted=True)[0])
         ndcg[rows] = torch.where(ideal > 0, got / ideal.clamp(min=1e-300), 0.0)

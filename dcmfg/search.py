@@ -86,17 +86,32 @@ def _check_chunk(chunk_size) -> int:
 def topk_stable(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise top-k of a score matrix, sorted by descending score, ties by lower column index.
 
-    torch.topk alone may pick any member of a tie group at the cut; here everything above the k-th value is kept
-    and the tied items fill the remaining places in index order.
+    torch.topk alone may return tied items in any order and may pick any member of a tie group at the cut. One
+    topk of k + 1 shows which rows have a tie across the cut; only those rows take the exact (slower) selection.
     """
-    kth = torch.topk(scores, k, dim=1, sorted=True).values[:, -1:]
+    n = scores.shape[1]
+    if k >= n:
+        return torch.sort(scores, dim=1, descending=True, stable=True)
+    vals, idx = torch.topk(scores, k + 1, dim=1, sorted=True)
+    cut_tie = vals[:, k - 1] == vals[:, k]
+    vals, idx = vals[:, :k], idx[:, :k]
+    if bool(cut_tie.any()):
+        rows = torch.nonzero(cut_tie).flatten()
+        idx[rows] = _tied_cut_selection(scores[rows], vals[rows, k - 1 :], k)
+    # Order inside the result: by index, then a stable sort by score.
+    idx = torch.sort(idx, dim=1)[0]
+    vals, perm = torch.sort(scores.gather(1, idx), dim=1, descending=True, stable=True)
+    return vals, idx.gather(1, perm)
+
+
+def _tied_cut_selection(scores: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
+    """Column indices (ascending) of the k best per row when ties straddle the cut: everything above the k-th
+    value, then the tied items in index order."""
     greater = scores > kth
     need = k - greater.sum(1, keepdim=True, dtype=torch.int32)
     tied = scores == kth
     chosen = greater | (tied & (torch.cumsum(tied, 1, dtype=torch.int32) <= need))
-    idx = chosen.nonzero()[:, 1].view(scores.shape[0], k)  # row-major: ascending index in each row
-    vals, perm = torch.sort(scores.gather(1, idx), dim=1, descending=True, stable=True)
-    return vals, idx.gather(1, perm)
+    return chosen.nonzero()[:, 1].view(scores.shape[0], k)  # row-major: ascending index in each row
 
 
 def _masked_scores(
@@ -120,7 +135,7 @@ def _torch_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n = d.shape[0]
     chunk = min(chunk_size, q.shape[0])
-    block = max(k, min(n, BLOCK_BYTES // (16 * chunk)))
+    block = max(k, min(n, BLOCK_BYTES // (4 * chunk)))
     out_s = torch.empty(q.shape[0], k, dtype=torch.float32, device=q.device)
     out_i = torch.empty(q.shape[0], k, dtype=torch.long, device=q.device)
     for start in range(0, q.shape[0], chunk):

@@ -182,6 +182,20 @@ def test_map_expected_ties_matches_brute_force(seed, single, k):
     assert mean_average_precision(eq, ed, ql, dl, k=k, ties="expected") == pytest.approx(want_cos, abs=1e-12)
 
 
+def test_histogram_paths_agree(monkeypatch):
+    # Many labels take the unfused histogram (relevance first); it must give the same numbers as the fused one.
+    cq, cd, _, _, ql, dl = make_case(6, n_query=9, n_db=11, bits=3)
+    fused = (mean_average_precision(cq, cd, ql, dl, distance="hamming", ties="expected"),
+             pr_curve_hamming(cq, cd, ql, dl))
+    import dcmfg.metrics as metrics
+
+    monkeypatch.setattr(metrics, "_FUSED_HISTOGRAM_BINS", 4)
+    assert mean_average_precision(cq, cd, ql, dl, distance="hamming", ties="expected") == pytest.approx(fused[0],
+                                                                                                         abs=1e-12)
+    pd.testing.assert_frame_equal(pr_curve_hamming(cq, cd, ql, dl), fused[1])
+    assert fused[0] == pytest.approx(ref_map(cq, cd, ql, dl, "hamming", ties="expected"), abs=1e-12)
+
+
 def test_per_query_and_empty_rule():
     cq, cd, _, _, ql, dl = make_case(5)
     mean0, per0 = mean_average_precision(cq, cd, ql, dl, distance="hamming", return_per_query=True)
