@@ -14,6 +14,7 @@ logged and rebuilt, never used.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -166,6 +167,8 @@ def extract_features(
     """
     if on_corrupt not in ("skip", "fail"):
         raise ConfigError(f"on_corrupt must be 'skip' or 'fail', got {on_corrupt!r}")
+    if len(dataset) == 0:
+        raise ConfigError(f"{dataset.root}: dataset {dataset.name!r} has no items to extract features from")
     if batch_size < 1 or chunk_size < 1:
         raise ConfigError(f"batch_size and chunk_size must be >= 1 (got {batch_size}, {chunk_size})")
     img_enc, txt_enc = _resolve_encoders(image_backbone, text_backbone, regions=regions, max_words=max_words,
@@ -173,7 +176,6 @@ def extract_features(
     regions = int(getattr(img_enc, "regions", regions))
     max_words = int(getattr(txt_enc, "max_words", max_words))
     image_rows, row_to_image = _image_units(dataset)
-    n, m = len(dataset), len(image_rows)
     material = {
         "format": FORMAT_VERSION,
         "dataset": dataset.name,
@@ -188,6 +190,32 @@ def extract_features(
     key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:20]
     folder = feature_root(cache_root) / key
     folder.mkdir(parents=True, exist_ok=True)
+    # one extractor per cache at a time: a second process (a notebook beside a test run) waits, then reads it
+    with _locked(folder):
+        return _extract_locked(dataset, folder, key, material, img_enc, txt_enc, image_rows, row_to_image,
+                               regions=regions, max_words=max_words, batch_size=batch_size, on_corrupt=on_corrupt,
+                               progress=progress, chunk_size=chunk_size, on_chunk=on_chunk)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    import fcntl
+
+    with open(folder / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s: another process is extracting into this cache; waiting for it", folder)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _extract_locked(dataset, folder, key, material, img_enc, txt_enc, image_rows, row_to_image, *, regions,
+                    max_words, batch_size, on_corrupt, progress, chunk_size, on_chunk) -> FeatureSet:
+    n, m = len(dataset), len(image_rows)
     dims = {"image": int(img_enc.dim), "text": int(txt_enc.dim), "regions": regions, "max_words": max_words}
     counts = {"items": n, "images": m}
 

@@ -21,7 +21,8 @@ IDS = [1, 2, 3, 4, 5]
 
 @pytest.fixture(scope="module")
 def encoders():
-    return create_image_encoder(), create_text_encoder()
+    # 112 px (an 8 x 8 patch grid) keeps these cache-mechanics tests quick; 224 px runs in the real-subset test
+    return create_image_encoder(image_size=112), create_text_encoder()
 
 
 def _tiny(mirflickr_root: Path, folder: Path, *, corrupt: int | None = None, texts=None) -> CrossModalDataset:

@@ -67,8 +67,15 @@ class HFTextEncoder:
     def model(self) -> torch.nn.Module:
         if self._model is None:
             from transformers import AutoModel
+            from transformers.utils import logging as hf_logging
 
-            self._model = AutoModel.from_pretrained(self.source, local_files_only=True).eval().to(self.device)
+            bar = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar would clutter logs and notebooks
+            try:
+                self._model = AutoModel.from_pretrained(self.source, local_files_only=True).eval().to(self.device)
+            finally:
+                if bar:
+                    hf_logging.enable_progress_bar()
         return self._model
 
     @torch.inference_mode()
