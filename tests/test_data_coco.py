@@ -235,3 +235,25 @@ def test_detected_and_summarised_by_data_info(coco_root, capsys):
     assert main(["data", "info", str(coco_root), "--option", "captions=all"]) == 0
     out = capsys.readouterr().out
     assert "mscoco" in out and "coco2014" in out and "dropped_no_label: 1" in out
+
+
+def test_instances_parse_is_cached_by_content(coco_root, tmp_path, monkeypatch):
+    import dcmfg.data.mscoco as mscoco
+
+    monkeypatch.setenv("DCMFG_CACHE", str(tmp_path / "cache"))
+    first = load_dataset("mscoco", coco_root)
+    assert len(list((tmp_path / "cache" / "mscoco").glob("instances-*.npz"))) == 2  # train + val
+
+    def no_parse(path):
+        raise AssertionError(f"parsed {path} although it is cached")
+
+    monkeypatch.setattr(mscoco, "_read_instances", no_parse)
+    again = load_dataset("mscoco", coco_root)
+    assert again.fingerprint() == first.fingerprint()
+    # An edited file (same size, same second) is parsed again, never answered from the old entry.
+    monkeypatch.undo()
+    monkeypatch.setenv("DCMFG_CACHE", str(tmp_path / "cache"))
+    inst = coco_root / "annotations" / "instances_val2014.json"
+    inst.write_text(inst.read_text().replace('"category_id": 17', '"category_id": 18'))
+    edited = load_dataset("mscoco", coco_root)
+    assert edited.labels[-1].tolist() == [1, 0, 0, 0]  # image 8: cat -> dog
