@@ -89,6 +89,9 @@ def test_image_encoder_shapes_and_regions(image_encoder, mirflickr_root):
     assert out.globals.shape == (3, 384) and out.globals.dtype == torch.float32
     assert out.tokens.shape == (3, 16, 384)
     assert out.mask.shape == (3, 16) and out.mask.dtype == torch.bool and out.mask.all()
+    # plain tensors, usable where autograd tracks them (inference-mode tensors would raise there)
+    assert not out.globals.is_inference() and not out.tokens.is_inference()
+    torch.nn.Linear(384, 2)(out.globals).sum().backward()
     # regions are averages of the 16 x 16 patch grid: their mean is the mean over all patches
     patches = image_encoder.forward_pixels(image_encoder.preprocess(images))[:, 1:]
     assert torch.allclose(out.tokens.mean(1), patches.mean(1), atol=1e-4)
@@ -142,6 +145,7 @@ def test_text_words_are_merged_subwords(text_encoder):
     assert out.tokens.shape == (3, 32, 384)  # the 40-word text is cut at max_words
     assert out.mask.shape == (3, 32)
     assert out.mask.sum(1).tolist() == [3, 1, 32]
+    assert not out.globals.is_inference() and not out.tokens.is_inference()
     # "skyscrapers" is several word pieces: its word token is their mean hidden state
     enc = text_encoder.tokenizer(["skyscrapers"], return_tensors="pt")
     assert enc["input_ids"].shape[1] > 3

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 
 from dcmfg.backbones.errors import OFFLINE_DEFAULTS, BackboneUnavailable
-from dcmfg.backbones.output import EncoderOutput, pool_grid
+from dcmfg.backbones.output import EncoderOutput, plain, pool_grid
 from dcmfg.errors import ConfigError
 
 PATCH = 14
@@ -82,8 +82,12 @@ class Dinov2ImgFocusEncoder:
         """(B, 3, H, W) normalised pixels -> (B, 1 + h*w, D) tokens after the final norm."""
         return self.model.forward_features(pixels.to(self.device)).float()
 
-    @torch.inference_mode()
     def encode(self, images: Sequence) -> EncoderOutput:
+        with torch.inference_mode():
+            out = self._encode(images)
+        return plain(out)
+
+    def _encode(self, images: Sequence) -> EncoderOutput:
         tokens = self.forward_pixels(self.preprocess(images))
         self.n_encoded += len(images)
         regions = pool_grid(tokens[:, 1:], self.grid, self.regions)
@@ -123,8 +127,12 @@ class HFImageEncoder:
     def model(self) -> torch.nn.Module:
         return self._model
 
-    @torch.inference_mode()
     def encode(self, images: Sequence) -> EncoderOutput:
+        with torch.inference_mode():
+            out = self._encode(images)
+        return plain(out)
+
+    def _encode(self, images: Sequence) -> EncoderOutput:
         pix = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
         hidden = self._model(pixel_values=pix.to(self.device)).last_hidden_state.float()
         self.n_encoded += len(images)

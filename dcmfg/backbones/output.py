@@ -14,6 +14,11 @@ class EncoderOutput:
     mask: torch.Tensor  # (B, T) bool: True for real tokens (all True for images)
 
 
+def plain(out: EncoderOutput) -> EncoderOutput:
+    """Copies made outside inference mode: inference tensors would fail later in any autograd-tracked use."""
+    return EncoderOutput(out.globals.clone(), out.tokens.clone(), out.mask.clone())
+
+
 def pool_grid(patches: torch.Tensor, grid: tuple[int, int], regions: int) -> torch.Tensor:
     """(B, h*w, D) patch tokens -> (B, r*r, D) by average pooling to an r x r grid (row-major)."""
     b, _, d = patches.shape

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from dcmfg.backbones.errors import OFFLINE_DEFAULTS, BackboneUnavailable
-from dcmfg.backbones.output import EncoderOutput
+from dcmfg.backbones.output import EncoderOutput, plain
 from dcmfg.errors import ConfigError
 
 RECIPE = "meanpool/word-mean/v1"
@@ -78,8 +78,12 @@ class HFTextEncoder:
                     hf_logging.enable_progress_bar()
         return self._model
 
-    @torch.inference_mode()
     def encode(self, texts: Sequence[str]) -> EncoderOutput:
+        with torch.inference_mode():
+            out = self._encode(texts)
+        return plain(out)
+
+    def _encode(self, texts: Sequence[str]) -> EncoderOutput:
         texts = [str(t) for t in texts]
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         inputs = {k: v.to(self.device) for k, v in enc.items()}
