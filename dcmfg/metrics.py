@@ -221,20 +221,13 @@ def _harmonic(n: int, device: torch.device) -> torch.Tensor:
     return h
 
 
-def _ap_stable_sums(rel_sorted: torch.Tensor, ks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each K: sum of precision@rank over relevant items in the top K, and relevant items in the top K."""
-    relf = rel_sorted.to(torch.float64)
+def _ap_stable_sum(rel_sorted: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of precision@rank over the relevant items in the top K, and the relevant items in the top K (float64)."""
+    relf = rel_sorted[:, :k].to(torch.float64)
     hits = torch.cumsum(relf, dim=1)
-    ranks = torch.arange(1, relf.shape[1] + 1, dtype=torch.float64, device=relf.device)
-    if len(ks) == 1:  # one K: a sum instead of a second cumsum
-        k = ks[0]
-        found = hits[:, k - 1 : k].clone()
-        return hits[:, :k].div_(ranks[:k]).mul_(relf[:, :k]).sum(1, keepdim=True), found
-    cols = torch.tensor([k - 1 for k in ks], device=relf.device)
-    found = hits.index_select(1, cols)
-    ranks = torch.arange(1, relf.shape[1] + 1, dtype=torch.float64, device=relf.device)
-    contrib = torch.cumsum(hits.div_(ranks).mul_(relf), dim=1)
-    return contrib.index_select(1, cols), found
+    found = hits[:, -1].clone()
+    ranks = torch.arange(1, k + 1, dtype=torch.float64, device=relf.device)
+    return hits.div_(ranks).mul_(relf).sum(1), found
 
 
 _FUSED_HISTOGRAM_BINS = 1 << 14
@@ -353,11 +346,10 @@ def mean_average_precision(
         if ties == "stable":
             rel = _shared_labels(p, rows) > 0
             order = _stable_order(_distances(p, rows), kk)
-            sums, found = _ap_stable_sums(rel.gather(1, order), [kk])
+            sums, found = _ap_stable_sum(rel.gather(1, order), kk)
             del order
-            big_r = found[:, 0] if kk == n_db else torch.count_nonzero(rel, dim=1).double()
-            den = big_r.clamp(max=kk) if denominator == "relevant" else found[:, 0]
-            sums = sums[:, 0]
+            big_r = found if kk == n_db else torch.count_nonzero(rel, dim=1).double()
+            den = big_r.clamp(max=kk) if denominator == "relevant" else found
         else:
             if p.distance == "hamming":
                 n, r = _hamming_histograms(p, rows)
