@@ -5,7 +5,7 @@ Layout of one cache (`<cache_root or cache_dir()/features>/<key>/`):
   `regions` (n, r*r, Di) float16, `valid` (n,) bool;
 - `text-00000.safetensors`, ...: per item, `global` (n, Dt), `words` (n, W_chunk, Dt) float16, `mask` (n, W_chunk);
 - `manifest.json`: the key and what it was made from, counts, dims, and per chunk its range, sha256 and the
-  unreadable images it holds.
+  unreadable images it holds (re-checked on every load: a repaired image gets its chunk re-extracted).
 Every file is written atomically and the manifest is rewritten after each chunk, so an interrupted run resumes at
 the first missing chunk. A chunk whose bytes do not match the manifest, or a manifest made for another key, is
 logged and rebuilt, never used.
@@ -128,7 +128,8 @@ def _load_chunk(path: Path, entry: dict, shapes: dict[str, tuple]) -> dict[str, 
         return None
     for name, shape in shapes.items():
         got = tuple(tensors[name].shape) if name in tensors else None
-        if got is None or any(s is not None and s != g for s, g in zip(shape, got)) or len(got) != len(shape):
+        fits = got is not None and len(got) == len(shape) and all(s in (None, g) for s, g in zip(shape, got))
+        if not fits:
             log.warning("%s: tensor %r has shape %s, expected %s; rebuilding it", path, name, got, shape)
             return None
     return tensors
@@ -232,6 +233,8 @@ def _extract_locked(dataset, folder, key, material, img_enc, txt_enc, image_rows
         shapes = ({"global": (e - s, di), "regions": (e - s, regions * regions, di), "valid": (e - s,)} if kind == "image"
                   else {"global": (e - s, dt), "words": (e - s, None, dt), "mask": (e - s, None)})
         ok = entry is not None and (entry["start"], entry["stop"]) == (s, e)
+        if ok and kind == "image" and entry.get("corrupt_rows"):
+            ok = _still_unreadable(dataset, entry["corrupt_rows"], on_corrupt, fname)
         tensors = _load_chunk(folder / fname, entry, shapes) if ok else None
         if tensors is None:
             manifest["chunks"].pop(fname, None)
@@ -251,12 +254,14 @@ def _extract_locked(dataset, folder, key, material, img_enc, txt_enc, image_rows
         with tqdm(total=total, desc=f"features {dataset.name}", unit="item", disable=not progress) as bar:
             for kind, fname, s, e in todo:
                 if kind == "image":
-                    tensors, corrupt = _extract_images(dataset, image_rows[s:e], img_enc, regions, batch_size,
-                                                       on_corrupt, bar)
+                    tensors, bad_rows = _extract_images(dataset, image_rows[s:e], img_enc, regions, batch_size,
+                                                        on_corrupt, bar)
                 else:
-                    tensors, corrupt = _extract_texts(dataset, range(s, e), txt_enc, batch_size, bar), []
+                    tensors, bad_rows = _extract_texts(dataset, range(s, e), txt_enc, batch_size, bar), []
                 sha = _atomic_save(tensors, folder / fname)
-                manifest["chunks"][fname] = {"kind": kind, "start": s, "stop": e, "sha256": sha, "corrupt": corrupt}
+                manifest["chunks"][fname] = {"kind": kind, "start": s, "stop": e, "sha256": sha,
+                                             "corrupt": [dataset.image_key(r) for r in bad_rows],
+                                             "corrupt_rows": bad_rows}
                 _write_manifest(folder, manifest)
                 loaded[fname] = tensors
                 if on_chunk is not None:
@@ -266,8 +271,6 @@ def _extract_locked(dataset, folder, key, material, img_enc, txt_enc, image_rows
 
     corrupt = [p for _, ent in sorted(manifest["chunks"].items()) if ent["kind"] == "image" for p in ent["corrupt"]]
     if corrupt:
-        if on_corrupt == "fail":
-            raise ImageReadError(corrupt[0], "recorded as unreadable when these features were extracted")
         log.warning("%d unreadable image(s) skipped (valid=False, zero features): %s", len(corrupt),
                     ", ".join(corrupt))
     feats = _assemble(loaded, plan, row_to_image, key)
@@ -285,6 +288,21 @@ def _extract_locked(dataset, folder, key, material, img_enc, txt_enc, image_rows
         "created": manifest["created"],
     }
     return feats
+
+
+def _still_unreadable(dataset, rows: list[int], on_corrupt: str, fname: str) -> bool:
+    """True when every image a cached chunk recorded as unreadable still is (under "fail": raise its error).
+    False (the chunk is re-extracted) once any of them has been repaired."""
+    for r in rows:
+        try:
+            dataset.image(int(r))
+        except ImageReadError:
+            if on_corrupt == "fail":
+                raise
+            continue
+        log.info("%s is readable now; re-extracting %s", dataset.image_key(int(r)), fname)
+        return False
+    return True
 
 
 def _read_manifest(folder: Path, key: str, material: dict, dims: dict, counts: dict) -> dict:
@@ -312,12 +330,12 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
     _atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=1))
 
 
-def _extract_images(dataset, rows, enc, regions, batch_size, on_corrupt, bar) -> tuple[dict, list[str]]:
+def _extract_images(dataset, rows, enc, regions, batch_size, on_corrupt, bar) -> tuple[dict, list[int]]:
     n = len(rows)
     g = torch.zeros(n, enc.dim, dtype=torch.float16)
     r = torch.zeros(n, regions * regions, enc.dim, dtype=torch.float16)
     valid = torch.zeros(n, dtype=torch.bool)
-    corrupt: list[str] = []
+    corrupt: list[int] = []  # dataset rows
     for s in range(0, n, batch_size):
         images, slots = [], []
         for j in range(s, min(s + batch_size, n)):
@@ -328,7 +346,7 @@ def _extract_images(dataset, rows, enc, regions, batch_size, on_corrupt, bar) ->
                 if on_corrupt == "fail":
                     raise
                 log.warning("skipping unreadable image: %s", exc)
-                corrupt.append(dataset.image_key(int(rows[j])))
+                corrupt.append(int(rows[j]))
         if images:
             out = enc.encode(images)
             idx = torch.tensor(slots)

@@ -190,6 +190,13 @@ def test_corrupt_jpeg_skipped_and_counted_or_fatal(reference, encoders, tmp_path
     assert hit.meta["from_cache"] and hit.meta["corrupt"] == [bad]
     with pytest.raises(ImageReadError, match="im3.jpg"):
         _extract(ds, encoders, tmp_path / "cache", on_corrupt="fail")
+    # the image repaired: its chunk is re-extracted and the item is valid again
+    shutil.copy(mirflickr_root / "mirflickr" / "im3.jpg", bad)
+    before = _counts(encoders)
+    fixed = _extract(ds, encoders, tmp_path / "cache")
+    assert fixed.valid.all() and fixed.meta["n_corrupt"] == 0
+    assert _counts(encoders)[0] == before[0] + 2  # only the chunk holding that image
+    assert torch.equal(fixed.image_global, ref.image_global)
 
 
 def test_caption_groups_encode_each_image_once(reference, encoders, tmp_path, mirflickr_root):
