@@ -221,6 +221,7 @@ def _extract_locked(dataset, folder, key, material, img_enc, txt_enc, image_rows
     counts = {"items": n, "images": m}
 
     manifest = _read_manifest(folder, key, material, dims, counts)
+    manifest["backbones"] = {"image": img_enc.name, "text": txt_enc.name}  # for people reading the file
     plan = [("image", i, s, e) for i, (s, e) in enumerate(_chunks(m, chunk_size))]
     plan += [("text", i, s, e) for i, (s, e) in enumerate(_chunks(n, chunk_size))]
     di, dt = dims["image"], dims["text"]
@@ -245,7 +246,7 @@ def _extract_locked(dataset, folder, key, material, img_enc, txt_enc, image_rows
     from_cache = not todo
     t0 = time.perf_counter()
     if todo:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # plain text bar: works in terminals, logs and papermill kernels alike
 
         done = len(plan) - len(todo)
         log.info("%s: %d of %d chunks cached; extracting %d", folder, done, len(plan), len(todo))

@@ -96,7 +96,10 @@ class Dinov2ImgFocusEncoder:
 
 
 class HFImageEncoder:
-    """A ViT from the Hugging Face hub (transformers): global = [CLS] after the final norm, regions = patch grid."""
+    """A ViT from the Hugging Face hub (transformers): global = [CLS] after the final norm, regions = patch grid.
+
+    Preprocessing (size, crop, mean/std) is the repo's own image processor; `image_size` only enters the cache key.
+    """
 
     def __init__(self, repo: str, *, name: str, regions: int = 4, image_size: int = 224, device: str = "cpu"):
         from transformers import AutoConfig, AutoImageProcessor, AutoModel
