@@ -43,7 +43,9 @@ class _NoGraph(nn.Module):
         return None
 
     @torch.no_grad()
-    def embed(self, feats: dict, modality: int, bank=None, return_attention: bool = False, chunk: int = 4096) -> dict:
+    def embed(
+        self, feats: dict, modality: int, bank=None, return_attention: bool = False, chunk: int = 4096, exclude=None
+    ) -> dict:
         key = "image" if modality == IMAGE else "text"
         n = len(feats[f"{key}_global"])
         outs = []

@@ -75,6 +75,7 @@ class LossConfig:
     label: float = 0.5  # label-prediction head (BCE)
     hash_contrastive: float = 0.5  # contrastive term on the tanh codes
     alignment: float = 0.5  # InfoNCE over the region-word alignment scores (trains the token projections)
+    alignment_batch: int = 48  # pairs of each batch the alignment InfoNCE uses (its cost grows with the square)
     quantization: float = 0.1
     balance: float = 0.01
     margin: float = 0.2
@@ -171,6 +172,11 @@ def _check(cfg: Config) -> Config:
                 raise ConfigError(f"config {section.name}.{f.name}={got!r} must be true or false")
             if isinstance(want, int) and not isinstance(want, bool) and not (isinstance(got, int) and not isinstance(got, bool)):
                 raise ConfigError(f"config {section.name}.{f.name}={got!r} must be an integer")
+            if isinstance(want, float) and isinstance(got, str):
+                try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+                    got = float(got)
+                except ValueError:
+                    pass
             if isinstance(want, float):
                 if isinstance(got, bool) or not isinstance(got, (int, float)):
                     raise ConfigError(f"config {section.name}.{f.name}={got!r} must be a number")

@@ -80,12 +80,23 @@ def load_data(cfg: Config, run_dir: Path | None = None) -> DataBundle:
     return DataBundle(dataset, split, feats, labels, valid, str(getattr(fs, "key", "")))
 
 
-def take(feats: dict, idx, device="cpu") -> dict:
-    """Rows `idx` of every feature tensor, as float32 (masks as bool) on `device`."""
+def word_limit(feats: dict, idx) -> int:
+    """Word slots actually used by items `idx` (tags are short: most of the max_words slots are padding)."""
+    idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+    used = feats["text_mask"][idx].any(0).nonzero()
+    return int(used.max()) + 1 if len(used) else 1
+
+
+def take(feats: dict, idx, device="cpu", words: int | None = None) -> dict:
+    """Rows `idx` of every feature tensor, as float32 (masks as bool) on `device`; word slots trimmed to
+    `words` (default: the last slot any of these items uses), which changes no result and saves most compute."""
+    words = word_limit(feats, idx) if words is None else words
     idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
     out = {}
     for k, v in feats.items():
         t = v[idx]
+        if k in ("text_words", "text_mask"):
+            t = t[:, :words]
         out[k] = t.to(device=device, dtype=torch.bool if k == "text_mask" else torch.float32)
     return out
 
@@ -100,11 +111,18 @@ def embed_parts(model, data: DataBundle, bank_idx, item_idx, device="cpu") -> di
     Returns {"image": {"z", "h"}, "text": {"z", "h"}} on the CPU.
     """
     model.eval()
+    bank_idx, item_idx = np.asarray(bank_idx), np.asarray(item_idx)
     bank = model.build_bank(take(data.feats, bank_idx, device))
     feats = take(data.feats, item_idx, device)
+    # An item that is in the bank (a training item in the database) must not link to its own copy there.
+    order = np.argsort(bank_idx, kind="stable")
+    at = np.clip(np.searchsorted(bank_idx[order], item_idx), 0, max(len(bank_idx) - 1, 0))
+    hit = bank_idx[order][at] == item_idx if len(bank_idx) else np.zeros(len(item_idx), bool)
+    own = torch.as_tensor(np.where(hit, order[at], -1), dtype=torch.long, device=device)
     out = {}
     for name, modality in (("image", IMAGE), ("text", TEXT)):
-        e = model.embed(feats, modality, bank)
+        exclude = torch.where(own >= 0, own + (0 if modality == IMAGE else len(bank_idx)), own)
+        e = model.embed(feats, modality, bank, exclude=exclude)
         out[name] = {k: e[k].float().cpu() for k in ("z", "h") if k in e}
     return out
 

@@ -84,8 +84,12 @@ def query_bank_edges(
     bank_modality: torch.Tensor,
     tau: torch.Tensor,
     cfg: GraphConfig,
+    exclude: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Edges bank node j -> query i (mutual against the bank); returns (query_index, bank_index)."""
+    """Edges bank node j -> query i (mutual against the bank); returns (query_index, bank_index).
+
+    `exclude` (Q,) long: a bank index each query must not link to (-1: none), used when the query is itself a
+    bank member (a training item in the database), so it is embedded like any other item, not with its copy."""
     with torch.no_grad():
         qi, bj, _ = search.mutual_knn_to_bank(
             hq.detach(),
@@ -96,6 +100,7 @@ def query_bank_edges(
             bank_modality=bank_modality,
             cross_modal_only=cfg.cross_modal_only,
             fallback=cfg.fallback,
+            exclude=exclude,
         )
     return qi, bj
 

@@ -72,7 +72,7 @@ def total_loss(out: dict, labels: torch.Tensor, cfg: LossConfig) -> tuple[torch.
     """The weighted sum of every term whose inputs are in `out`; returns (loss, {term: value}) for logging.
 
     Keys a model may produce: z_img/z_txt (graph outputs), p_img/p_txt (pre-graph projections), h_img/h_txt
-    (tanh codes), logits_img/logits_txt (label head), align (B, B) region-word alignment scores.
+    (tanh codes), logits_img/logits_txt (label head), align (A, A) region-word alignment scores of the first A pairs.
     """
     S = label_similarity(labels, labels, soft=cfg.soft_labels)
     positives = label_similarity(labels, labels) if cfg.positives == "label" else None
@@ -85,9 +85,10 @@ def total_loss(out: dict, labels: torch.Tensor, cfg: LossConfig) -> tuple[torch.
         )
     if cfg.alignment and "align" in out:
         # align is already a (B, B) image x text score matrix in [-1, 1]: InfoNCE over it directly.
-        logits = out["align"] / cfg.temperature
-        eye = torch.eye(len(logits), device=logits.device)
-        pos = eye if positives is None else torch.clamp(positives + eye, max=1.0)
+        logits = out["align"] / cfg.temperature  # (A, A): the first A pairs of the batch
+        a = len(logits)
+        eye = torch.eye(a, device=logits.device)
+        pos = eye if positives is None else torch.clamp(positives[:a, :a] + eye, max=1.0)
         la = -((F.log_softmax(logits, 1) * pos).sum(1) / pos.sum(1)).mean()
         lb = -((F.log_softmax(logits.T, 1) * pos.T).sum(1) / pos.T.sum(1)).mean()
         terms["alignment"] = cfg.alignment * 0.5 * (la + lb)

@@ -91,11 +91,11 @@ class AttentionConv(MessagePassing):
             self.align_scale = nn.Parameter(torch.full((heads,), 5.0))
         self.bias = nn.Parameter(torch.zeros(heads * self.channels))
 
-    def edge_logits(self, x: torch.Tensor, edge_index: torch.Tensor, align: torch.Tensor | None) -> torch.Tensor:
+    def edge_logits(
+        self, xl: torch.Tensor, xr: torch.Tensor, edge_index: torch.Tensor, align: torch.Tensor | None
+    ) -> torch.Tensor:
+        """GATv2 logits (E, heads) from the source (xl) and target (xr) transforms, plus the alignment term."""
         src, dst = edge_index
-        H, C = self.heads, self.channels
-        xl = self.lin_l(x).view(-1, H, C)
-        xr = self.lin_r(x).view(-1, H, C)
         e = F.leaky_relu(xl[src] + xr[dst], self.negative_slope)
         logit = (e * self.att).sum(-1)  # (E, H)
         if self.mode == "alignment" and align is not None:
@@ -108,14 +108,34 @@ class AttentionConv(MessagePassing):
         """Returns (out (N, dim), alpha (E, heads)): the new features and each edge's attention coefficient."""
         n = x.size(0)
         dst = edge_index[1]
+        xl = self.lin_l(x).view(-1, self.heads, self.channels)
         if self.mode == "none":
             deg = degree(dst, n, dtype=x.dtype).clamp(min=1.0)
             alpha = (1.0 / deg[dst])[:, None].expand(-1, self.heads)
         else:
-            alpha = softmax(self.edge_logits(x, edge_index, align), dst, num_nodes=n)
-        xl = self.lin_l(x).view(-1, self.heads, self.channels)
+            xr = self.lin_r(x).view(-1, self.heads, self.channels)
+            alpha = softmax(self.edge_logits(xl, xr, edge_index, align), dst, num_nodes=n)
         out = self.propagate(edge_index, x=xl, alpha=F.dropout(alpha, self.dropout, self.training))
         return out.reshape(n, -1) + self.bias, alpha
+
+    def forward_to_queries(
+        self, h: torch.Tensor, xl_bank: torch.Tensor, edge_index: torch.Tensor, align: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bipartite step of the inference graph: sources = [queries; bank], targets = the Q queries only.
+
+        `xl_bank` is lin_l of the bank states, computed once per bank (the bank's own updates are precomputed), so
+        the cost per query does not grow with the bank. Same arithmetic as `forward` on the joint graph."""
+        q = h.size(0)
+        xl = torch.cat([self.lin_l(h).view(-1, self.heads, self.channels), xl_bank])
+        dst = edge_index[1]
+        if self.mode == "none":
+            deg = degree(dst, q, dtype=h.dtype).clamp(min=1.0)
+            alpha = (1.0 / deg[dst])[:, None].expand(-1, self.heads)
+        else:
+            xr = self.lin_r(h).view(-1, self.heads, self.channels)
+            alpha = softmax(self.edge_logits(xl, xr, edge_index, align), dst, num_nodes=q)
+        out = self.propagate(edge_index, x=(xl, xl[:q]), alpha=alpha, size=(xl.size(0), q))
+        return out.reshape(q, -1) + self.bias, alpha
 
     def message(self, x_j: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         return x_j * alpha.unsqueeze(-1)
@@ -134,12 +154,17 @@ class GraphLayer(nn.Module):
         m, alpha = self.conv(h, edge_index, align)
         return self.norm(h + self.drop(F.gelu(m))), alpha
 
+    def forward_to_queries(self, h, xl_bank, edge_index, align=None):
+        m, alpha = self.conv.forward_to_queries(h, xl_bank, edge_index, align)
+        return self.norm(h + self.drop(F.gelu(m))), alpha
+
 
 @dataclass
 class Bank:
     """The reference bank of the inference graph: training nodes [images..., texts...] and their layer states."""
 
     states: list[torch.Tensor]  # input of each layer, (M, d)
+    sources: list[torch.Tensor]  # lin_l of each layer's states (M, heads, channels): the bank as message sources
     taus: list[torch.Tensor]  # per layer: similarity of each bank node's k-th neighbour in the bank
     modality: torch.Tensor  # (M,) 0 image, 1 text
     token_row: torch.Tensor  # (M,) row into regions (image nodes) or words/mask (text nodes)
@@ -194,7 +219,12 @@ class DCMFG(nn.Module):
         dev = enc["p_img"].device
         modality = torch.cat([torch.zeros(b, dtype=torch.long, device=dev), torch.ones(b, dtype=torch.long, device=dev)])
         token_row = torch.cat([torch.arange(b, device=dev), torch.arange(b, device=dev)])
-        dense = G.alignment_matrix_dense(enc["regions"], enc["words"], enc["mask"]) if self.use_tokens else None
+        dense = None
+        if self.use_tokens and self.cfg.loss.alignment:
+            # Alignment loss over the first pairs of the (random) batch only: the dense image x text score tensor
+            # is B*B*R*W, by far the largest cost of a step; the graph's edges are scored one by one below.
+            a = min(b, self.cfg.loss.alignment_batch)
+            dense = G.alignment_matrix_dense(enc["regions"][:a], enc["words"][:a], enc["mask"][:a])
         static = G.static_pair_edges(enc["raw_img"], enc["raw_txt"], self.gcfg) if self.gcfg.relation == "static" else None
         h = torch.cat([enc["p_img"], enc["p_txt"]])
         attention = []
@@ -203,7 +233,7 @@ class DCMFG(nn.Module):
             if edges is None or self.gcfg.rebuild_per_layer:
                 edges = static if static is not None else G.batch_edges(h, modality, self.gcfg)
             align = (
-                G.edge_alignment(edges, modality, token_row, enc["regions"], enc["words"], enc["mask"], dense)
+                G.edge_alignment(edges, modality, token_row, enc["regions"], enc["words"], enc["mask"])
                 if self.use_tokens
                 else None
             )
@@ -238,7 +268,7 @@ class DCMFG(nn.Module):
         dev = enc["p_img"].device
         modality = torch.cat([torch.zeros(m0, dtype=torch.long, device=dev), torch.ones(m0, dtype=torch.long, device=dev)])
         token_row = torch.cat([torch.arange(m0, device=dev), torch.arange(m0, device=dev)])
-        bank = Bank(states=[], taus=[], modality=modality, token_row=token_row)
+        bank = Bank(states=[], sources=[], taus=[], modality=modality, token_row=token_row)
         if self.use_tokens:
             bank.regions, bank.words, bank.mask = enc["regions"], enc["words"], enc["mask"]
         static = None
@@ -257,6 +287,7 @@ class DCMFG(nn.Module):
             if edges is None or self.gcfg.rebuild_per_layer:
                 edges = static if static is not None else G.batch_edges(h, modality, self.gcfg)
             bank.states.append(h)
+            bank.sources.append(layer.conv.lin_l(h).view(len(h), layer.conv.heads, layer.conv.channels))
             bank.taus.append(G.bank_tau(h, modality, self.gcfg) if static is None else None)
             align = (
                 G.edge_alignment(edges, modality, token_row, bank.regions, bank.words, bank.mask)
@@ -268,15 +299,24 @@ class DCMFG(nn.Module):
 
     @torch.no_grad()
     def embed(
-        self, feats: dict, modality: int, bank: Bank, return_attention: bool = False, chunk: int = 1024
+        self,
+        feats: dict,
+        modality: int,
+        bank: Bank,
+        return_attention: bool = False,
+        chunk: int = 1024,
+        exclude: torch.Tensor | None = None,
     ) -> dict:
-        """Embed items of one modality against the bank; chunks only bound memory (queries never interact)."""
+        """Embed items of one modality against the bank; chunks only bound memory (queries never interact).
+
+        `exclude` (N,) long: per item, the bank node that is the item itself (-1 if none); it is not linked."""
         key = "image" if modality == G.IMAGE else "text"
         n = len(feats[f"{key}_global"])
         outs, attn = [], []
         for s in range(0, n, chunk):
             part = {k: v[s : s + chunk] for k, v in feats.items() if k.startswith(key)}
-            o, a = self._embed_chunk(part, modality, bank)
+            ex = None if exclude is None else exclude[s : s + chunk]
+            o, a = self._embed_chunk(part, modality, bank, ex)
             outs.append(o)
             if return_attention:
                 for entry in a:  # shift query indices to the full set
@@ -289,7 +329,7 @@ class DCMFG(nn.Module):
             ]
         return res
 
-    def _embed_chunk(self, part: dict, modality: int, bank: Bank):
+    def _embed_chunk(self, part: dict, modality: int, bank: Bank, exclude: torch.Tensor | None = None):
         is_img = modality == G.IMAGE
         g = part["image_global" if is_img else "text_global"]
         h = (self.proj_img if is_img else self.proj_txt)(g)
@@ -306,14 +346,19 @@ class DCMFG(nn.Module):
             if edges is None or self.gcfg.rebuild_per_layer:
                 if self.gcfg.relation == "static":
                     raw = bank.raw["img" if is_img else "txt"]
+                    ex = None
+                    if exclude is not None:  # bank index -> index inside this modality's raw block
+                        ex = torch.where(exclude >= 0, exclude - (0 if is_img else len(raw)), exclude)
                     qi, bj = G.query_bank_edges(
                         g, torch.zeros(q, dtype=torch.long, device=dev), raw,
                         torch.zeros(len(raw), dtype=torch.long, device=dev),
-                        bank.raw["tau_img" if is_img else "tau_txt"], self.gcfg,
+                        bank.raw["tau_img" if is_img else "tau_txt"], self.gcfg, ex,
                     )
                     bj = bj + (0 if is_img else len(raw))  # bank order: images, then texts
                 else:
-                    qi, bj = G.query_bank_edges(h, qmod, bank.states[i], bank.modality, bank.taus[i], self.gcfg)
+                    qi, bj = G.query_bank_edges(
+                        h, qmod, bank.states[i], bank.modality, bank.taus[i], self.gcfg, exclude
+                    )
                 edge_index = torch.stack([torch.cat([bj + q, ar]), torch.cat([qi, ar])])
                 align = None
                 if self.use_tokens:
@@ -327,9 +372,7 @@ class DCMFG(nn.Module):
                         else:
                             vals = G.region_word_alignment(bank.regions[rows], toks[qc], part["text_mask"][qc])
                         align = align.masked_scatter(cross, vals.to(align.dtype))
-            x = torch.cat([h, bank.states[i]])
-            out, alpha = layer(x, edge_index, align)
-            h = out[:q]
+            h, alpha = layer.forward_to_queries(h, bank.sources[i], edge_index, align)
             # bank_index -1 marks the query's self-loop
             src = edge_index[0]
             bank_index = torch.where(src >= q, src - q, torch.full_like(src, -1))

@@ -32,6 +32,7 @@ from dcmfg.evaluate import (
     retrieval_for_split,
     take,
     validation_scores,
+    word_limit,
     write_json_atomic,
 )
 from dcmfg.losses import total_loss
@@ -250,7 +251,7 @@ def _trim_jsonl(path: Path, epochs_done: int) -> list[dict]:
     if not path.is_file():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("epoch", 0) < epochs_done]
+    rows = [r for r in rows if r.get("epoch", 0) <= epochs_done]  # record epochs are 1-based
     _write_atomic_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     return rows
 
@@ -283,18 +284,22 @@ def train(config: Config | dict | str | Path, out_dir: str | Path | None = None,
         out.mkdir(parents=True, exist_ok=True)
     if world > 1:
         dist.barrier()  # the split file is made by rank 0 below; others read it
-    torch.manual_seed(cfg.seed)
     if data is None:
         if world > 1 and rank != 0:
             dist.barrier()
         data = load_data(cfg, out)
         if world > 1 and rank == 0:
             dist.barrier()
+    if rank == 0 and not cfg.data.split and not (out / "split.json").is_file():
+        from dcmfg.data.splits import save_split
+
+        save_split(data.split, out / "split.json")  # evaluate reads the run's own split back
     train_idx = data.part("train")
     if len(train_idx) < 2:
         raise ConfigError(f"the training split has {len(train_idx)} usable items; need at least 2")
     dims = (data.feats["image_global"].shape[1], data.feats["text_global"].shape[1], data.labels.shape[1])
     cfg.model.num_labels = int(dims[2])
+    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
     model = create_model(cfg.model.name, cfg, *dims).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     steps_per_epoch = len(_batches(len(train_idx), tc.batch_size, torch.Generator().manual_seed(0)))
@@ -315,12 +320,13 @@ def train(config: Config | dict | str | Path, out_dir: str | Path | None = None,
     metrics_path = out / "metrics.jsonl"
     history: list[dict] = []
     ckpt = _find_checkpoint(out / "last") if resume else None
+    fresh_metrics = ckpt is None  # a fresh run replaces metrics.jsonl at its first epoch (not before: nothing lost)
     if ckpt is not None:
         loop = load_training_state(ckpt, model, cfg, optimizer, scheduler)
+        # train.epochs / patience may have been raised to extend a finished run
+        loop["done"] = loop["bad_epochs"] >= tc.patience or loop["epoch"] >= tc.epochs
         if rank == 0:
             history = _trim_jsonl(metrics_path, loop["epoch"])
-    elif rank == 0 and metrics_path.exists():
-        metrics_path.unlink()  # a fresh run: no stale lines from an earlier one in this folder
     ddp = model
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -348,7 +354,7 @@ def train(config: Config | dict | str | Path, out_dir: str | Path | None = None,
                 gather = _gather_fn(sizes, rank)
             else:
                 local = idx
-            batch = take(data.feats, local, device)
+            batch = take(data.feats, local, device, words=word_limit(data.feats, idx))  # same width on every rank
             out_ = ddp(batch, gather=gather)
             loss, parts = total_loss(out_, labels[torch.as_tensor(idx, device=device)], cfg.loss)
             if not torch.isfinite(loss):
@@ -391,7 +397,11 @@ def train(config: Config | dict | str | Path, out_dir: str | Path | None = None,
         if rank == 0:
             if improved:
                 save_checkpoint(out / "best", model, cfg, {**meta, "epoch": epoch + 1, **val})
-            _append_jsonl(metrics_path, record)
+            if fresh_metrics:
+                _write_atomic_text(metrics_path, json.dumps(record, sort_keys=True) + "\n")
+                fresh_metrics = False
+            else:
+                _append_jsonl(metrics_path, record)
             save_checkpoint(out / "last", model, cfg, {**meta, "epoch": epoch + 1, **val}, optimizer, scheduler, dict(loop))
             if tc.progress:
                 print(

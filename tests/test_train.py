@@ -1,0 +1,182 @@
+"""Config tree, train/evaluate contract, determinism, exact resume after SIGKILL, bad input (on the synthetic set)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dcmfg.config import load_config
+from dcmfg.errors import ConfigError, DcmfgError
+from dcmfg.evaluate import evaluate, load_data
+from dcmfg.train import TrainingDiverged, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A small synthetic run: ~85 training pairs, 3 batches an epoch, features extracted once per test session.
+SYN = [
+    "data.name=synthetic",
+    "data.options.n=120",
+    "data.options.seed=0",
+    "model.dim=64",
+    "model.hidden=128",
+    "model.token_dim=32",
+    "model.hash_bits=16",
+    "model.heads=2",
+    "graph.k=4",
+    "train.batch_size=32",
+    "train.epochs=4",
+    "train.warmup_epochs=1",
+    "train.lr=0.003",
+    "train.progress=false",
+]
+
+
+def _cfg(*extra, config="configs/dcmfg.yaml"):
+    return load_config(REPO / config, SYN + list(extra))
+
+
+@pytest.fixture(scope="module")
+def syn_data():
+    """Synthetic features through the real default backbones (cached in DCMFG_CACHE for the session)."""
+    return load_data(_cfg())
+
+
+def _val_curve(run: Path) -> list[tuple]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["epoch"], r["loss"], r["val_map_i2t"], r["val_map_t2i"]) for r in rows]
+
+
+def test_config_errors_name_the_key_and_list_the_valid_ones(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'graph.kk'.*valid keys under graph: .*k, "):
+        load_config(None, ["graph.kk=3"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'trian'.*valid keys: data, eval"):
+        load_config(None, ["trian.lr=1"])
+    cfg = load_config(None, ["graph.k=5", "graph.cross_modal_only=true", "train.lr=1e-4", "data.root=null"])
+    assert (cfg.graph.k, cfg.graph.cross_modal_only, cfg.train.lr, cfg.data.root) == (5, True, 1e-4, None)
+    with pytest.raises(ConfigError, match="graph.k='five' must be an integer"):
+        load_config(None, ["graph.k=five"])
+    with pytest.raises(ConfigError, match="model.attention='gat' is not one of"):
+        load_config(None, ["model.attention=gat"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  name: dcmfg\n  layerz: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'model.layerz'"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    for name in ("dcmfg", "linear", "dcmh", "dcmht"):
+        assert load_config(REPO / "configs" / f"{name}.yaml").model.name == name
+
+
+def test_train_writes_the_contract_and_evaluate_reproduces_it(tmp_path, syn_data):
+    run = tmp_path / "run"
+    res = train(_cfg(), run, data=syn_data)
+    rep = json.loads((run / "report.json").read_text())
+    for key in ("map_i2t", "map_t2i", "records", "config", "split_fingerprint", "summaries"):
+        assert key in rep
+    assert rep["map_i2t"] == res.map_i2t and {"cosine", "hamming"} <= set(rep["summaries"])
+    assert {"direction", "metric", "k", "value", "variant", "distance"} <= set(rep["records"][0])
+    assert (run / "split.json").is_file() and (run / "best" / "model.safetensors").is_file()
+    assert len(_val_curve(run)) == res.history[-1]["epoch"]
+    # a random ranking's mAP is about the mean fraction of relevant items; a trained model must beat it clearly
+    q, db = syn_data.part("query"), syn_data.part("database")
+    rel = ((syn_data.labels[q] @ syn_data.labels[db].T) > 0).float().mean()
+    assert rep["map_i2t"] > rel + 0.02 and rep["map_t2i"] > rel + 0.02
+    again = evaluate(run, "query")
+    assert again["map_i2t"] == pytest.approx(rep["map_i2t"], abs=1e-6)
+    assert again["map_t2i"] == pytest.approx(rep["map_t2i"], abs=1e-6)
+    val = evaluate(run, "val", out=tmp_path / "val.json")
+    assert (tmp_path / "val.json").is_file()
+    assert val["map_i2t"] == pytest.approx(json.loads((run / "best" / "meta.json").read_text())["val_map_i2t"], abs=1e-6)
+    with pytest.raises(DcmfgError, match="not a dcmfg checkpoint"):
+        evaluate(tmp_path, "query")
+
+
+@pytest.mark.parametrize("config", ["configs/linear.yaml", "configs/dcmh.yaml", "configs/dcmht.yaml"])
+def test_baselines_run_in_the_same_harness(tmp_path, syn_data, config):
+    res = train(_cfg("train.epochs=2", config=config), tmp_path / "run", data=syn_data)
+    assert 0 < res.map_i2t <= 1 and 0 < res.map_t2i <= 1
+    assert res.report["distance"] == load_config(REPO / config).eval.distance
+
+
+def test_same_seed_gives_identical_metrics(tmp_path, syn_data):
+    a = train(_cfg("train.epochs=3"), tmp_path / "a", data=syn_data)
+    b = train(_cfg("train.epochs=3"), tmp_path / "b", data=syn_data)
+    assert _val_curve(tmp_path / "a") == _val_curve(tmp_path / "b")
+    assert (a.map_i2t, a.map_t2i) == (b.map_i2t, b.map_t2i)
+    c = train(_cfg("train.epochs=3", "seed=1"), tmp_path / "c", data=syn_data)
+    assert _val_curve(tmp_path / "c") != _val_curve(tmp_path / "a")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path, syn_data):
+    over = ["train.epochs=6", "train.patience=100"]
+    ref = train(_cfg(*over), tmp_path / "ref", data=syn_data)
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "dcmfg.train", "--config", str(REPO / "configs/dcmfg.yaml"), "--out", str(run)]
+    for s in SYN + over:
+        cmd += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = run / "metrics.jsonl"
+    # kill as soon as two epochs are logged: the process is then inside epoch 3 (or saving it)
+    while proc.poll() is None and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    assert proc.poll() is None, f"run finished before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "report.json").exists()
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _val_curve(run) == _val_curve(tmp_path / "ref")
+    rep = json.loads((run / "report.json").read_text())
+    assert (rep["map_i2t"], rep["map_t2i"]) == (ref.map_i2t, ref.map_t2i)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, syn_data):
+    run = tmp_path / "run"
+    train(_cfg("train.epochs=2"), run, data=syn_data)
+    before = {p.name: p.read_bytes() for p in (run / "last").iterdir()}
+    lines = (run / "metrics.jsonl").read_text()
+    # the same data with one training item's image features broken (NaN): extending the run must stop cleanly
+    feats = dict(syn_data.feats)
+    bad = feats["image_global"].clone()
+    bad[int(syn_data.part("train")[0])] = float("nan")
+    feats["image_global"] = bad
+    broken = type(syn_data)(syn_data.dataset, syn_data.split, feats, syn_data.labels, syn_data.valid, syn_data.feature_key)
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 3.*Last good checkpoint: .*last \(after epoch 2\)"):
+        train(_cfg("train.epochs=4"), run, data=broken)
+    assert {p.name: p.read_bytes() for p in (run / "last").iterdir()} == before
+    assert (run / "metrics.jsonl").read_text() == lines
+
+
+def test_resume_refuses_another_config_and_k_larger_than_the_graph(tmp_path, syn_data):
+    run = tmp_path / "run"
+    train(_cfg("train.epochs=1"), run, data=syn_data)
+    with pytest.raises(ConfigError, match=r"different config \(graph.k: 4 -> 5"):
+        train(_cfg("train.epochs=1", "graph.k=5"), run, data=syn_data)
+    with pytest.raises(ConfigError, match="graph.k=500 is larger than the graph"):
+        train(_cfg("train.epochs=1", "graph.k=500"), tmp_path / "k", data=syn_data)
+
+
+def test_cli_train_and_evaluate_one_line_errors(tmp_path, syn_data, capsys):
+    from dcmfg.train import main
+
+    rc = main(["--config", str(REPO / "configs/dcmfg.yaml"), "--out", str(tmp_path / "r"), "--set", "graph.nope=1"])
+    assert rc == 2 and "unknown config key 'graph.nope'" in capsys.readouterr().err
+    from dcmfg.evaluate import register
+    import argparse
+
+    p = argparse.ArgumentParser()
+    register(p.add_subparsers())
+    args = p.parse_args(["evaluate", "--checkpoint", str(tmp_path / "missing"), "--split", "query"])
+    with pytest.raises(DcmfgError, match="not a dcmfg checkpoint"):
+        args.func(args)
