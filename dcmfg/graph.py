@@ -18,9 +18,19 @@ import torch.nn.functional as F
 
 from dcmfg import search
 from dcmfg.config import GraphConfig
-from dcmfg.errors import ConfigError
+from dcmfg.errors import ConfigError, DcmfgError
 
 IMAGE, TEXT = 0, 1
+
+
+class NonFiniteFeatures(DcmfgError):
+    """Node features hold NaN/inf (diverged training or broken inputs): no graph can be built from them."""
+
+
+def check_finite(h: torch.Tensor, where: str) -> None:
+    if not bool(torch.isfinite(h).all()):
+        bad = (~torch.isfinite(h)).any(1).nonzero().flatten()[:5].tolist()
+        raise NonFiniteFeatures(f"{where}: node features hold NaN/inf (first rows {bad})")
 
 
 def check_k(k: int, n_candidates: int, where: str) -> None:
@@ -37,6 +47,7 @@ def batch_edges(h: torch.Tensor, modality: torch.Tensor, cfg: GraphConfig) -> to
     n_img = int((modality == IMAGE).sum())
     n_candidates = min(n_img, len(h) - n_img) if cfg.cross_modal_only else len(h) - 1
     check_k(cfg.k, n_candidates, f"{len(h)}-node graph")
+    check_finite(h, f"{len(h)}-node graph")
     with torch.no_grad():
         return search.mutual_knn_edges(
             h.detach(),
@@ -57,6 +68,7 @@ def static_pair_edges(raw_img: torch.Tensor, raw_txt: torch.Tensor, cfg: GraphCo
     """
     b = len(raw_img)
     check_k(cfg.k, b - 1, f"{b}-pair static graph")
+    check_finite(torch.cat([raw_img, raw_txt], 1), f"{b}-pair static graph")
     with torch.no_grad():
         e_img = search.mutual_knn_edges(raw_img, cfg.k, relation="mutual", fallback=cfg.fallback, self_loops=True)
         e_txt = search.mutual_knn_edges(raw_txt, cfg.k, relation="mutual", fallback=cfg.fallback, self_loops=True)

@@ -35,6 +35,7 @@ from dcmfg.evaluate import (
     word_limit,
     write_json_atomic,
 )
+from dcmfg.graph import NonFiniteFeatures
 from dcmfg.losses import total_loss
 from dcmfg.model import create_model, load_weights, save_weights
 
@@ -355,14 +356,20 @@ def train(config: Config | dict | str | Path, out_dir: str | Path | None = None,
             else:
                 local = idx
             batch = take(data.feats, local, device, words=word_limit(data.feats, idx))  # same width on every rank
-            out_ = ddp(batch, gather=gather)
-            loss, parts = total_loss(out_, labels[torch.as_tensor(idx, device=device)], cfg.loss)
+            try:
+                out_ = ddp(batch, gather=gather)
+                loss, parts = total_loss(out_, labels[torch.as_tensor(idx, device=device)], cfg.loss)
+            except NonFiniteFeatures as exc:  # NaN reached the graph before the loss: the same failure
+                loss, parts = torch.tensor(float("nan")), {"graph": float("nan")}
+                parts_note = f" ({exc})"
+            else:
+                parts_note = ""
             if not torch.isfinite(loss):
                 last = _find_checkpoint(out / "last")
                 where = f"{last} (after epoch {json.loads((last / 'state.json').read_text())['loop']['epoch']})" if last else "none yet (it failed in the first epoch)"
                 raise TrainingDiverged(
                     f"loss became {float(loss)} at epoch {epoch + 1}, step {loop['step'] + 1} "
-                    f"(terms: {', '.join(f'{k}={v:.4g}' for k, v in parts.items())}); training stopped. "
+                    f"(terms: {', '.join(f'{k}={v:.4g}' for k, v in parts.items())}){parts_note}; training stopped. "
                     f"Last good checkpoint: {where}. Lower train.lr or check the features."
                 )
             optimizer.zero_grad(set_to_none=True)
