@@ -187,6 +187,10 @@ def _chunk_rows(n_query: int, n_database: int, chunk_size: int | None) -> Iterat
         yield slice(start, min(start + chunk_size, n_query))
 
 
+def _bits(p: _Prepared) -> int | None:
+    return p.query.shape[1] if p.distance == "hamming" else None
+
+
 def _distances(p: _Prepared, rows: slice) -> torch.Tensor:
     """(chunk, N) float32, lower = better: -cosine, or the Hamming distance (b - <q, x>) / 2 of +-1 codes (exact
     small integers). One matrix product each, the affine part folded into it."""
@@ -201,10 +205,12 @@ def _shared_labels(p: _Prepared, rows: slice) -> torch.Tensor:
     return p.query_labels[rows] @ p.database_labels.T
 
 
-def _stable_order(dist: torch.Tensor, k: int) -> torch.Tensor:
+def _stable_order(dist: torch.Tensor, k: int, hamming_bits: int | None = None) -> torch.Tensor:
     """Indices of the k best items per row, ties by ascending database index."""
     n = dist.shape[1]
     if k * 4 >= n:
+        if hamming_bits is not None and hamming_bits <= 255:
+            dist = dist.to(torch.uint8)  # exact small integers; a uint8 stable sort is faster than a float one
         return torch.sort(dist, dim=1, stable=True)[1][:, :k]
     # Partial selection: make keys unique (order-preserving float bits, then the index) so topk cannot
     # pick an arbitrary member of a tie group at the cut.
@@ -345,7 +351,7 @@ def mean_average_precision(
     for rows in _chunk_rows(p.n_query, n_db, chunk_size):
         if ties == "stable":
             rel = _shared_labels(p, rows) > 0
-            order = _stable_order(_distances(p, rows), kk)
+            order = _stable_order(_distances(p, rows), kk, _bits(p))
             sums, found = _ap_stable_sum(rel.gather(1, order), kk)
             del order
             big_r = found if kk == n_db else torch.count_nonzero(rel, dim=1).double()
@@ -389,7 +395,7 @@ def _ranked_counts(p: _Prepared, ks: list[int], chunk_size: int | None) -> tuple
     for rows in _chunk_rows(p.n_query, p.n_database, chunk_size):
         rel = _shared_labels(p, rows) > 0
         n_rel[rows] = torch.count_nonzero(rel, dim=1).double()
-        rel_sorted = rel.gather(1, _stable_order(_distances(p, rows), kmax))
+        rel_sorted = rel.gather(1, _stable_order(_distances(p, rows), kmax, _bits(p)))
         hits[rows] = torch.cumsum(rel_sorted, dim=1, dtype=torch.float64).index_select(1, cols)
     return hits, n_rel
 
@@ -526,7 +532,7 @@ def ndcg_at_k(
     for rows in _chunk_rows(p.n_query, p.n_database, chunk_size):
         shared = _shared_labels(p, rows)
         n_rel[rows] = torch.count_nonzero(shared, dim=1).double()
-        got = dcg(shared.gather(1, _stable_order(_distances(p, rows), kmax)))
+        got = dcg(shared.gather(1, _stable_order(_distances(p, rows), kmax, _bits(p))))
         ideal = dcg(torch.topk(shared, kmax, dim=1, sorted=True)[0])
         ndcg[rows] = torch.where(ideal > 0, got / ideal.clamp(min=1e-300), 0.0)
     out = []
