@@ -349,6 +349,15 @@ def run_notebooks(
     import papermill as pm
 
     src = repo_dir() / "notebooks"
+    order = notebooks or NOTEBOOKS
+    # Check every notebook's parameters before running any, so a typo in the last section fails in seconds.
+    declared_by = {}
+    for nb in order:
+        path = src / f"{nb}.ipynb"
+        if not path.is_file():
+            raise DcmfgError(f"{path}: notebook missing")
+        declared_by[nb] = pm.inspect_notebook(str(path))
+        notebook_parameters(params, nb, declared_by[nb])
     out_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
     runs: list[NotebookRun] = []
@@ -358,11 +367,9 @@ def run_notebooks(
         os.environ.setdefault(key, value)
     timings_path = work_dir / "study-timings.json"
     timings = []
-    for nb in notebooks or NOTEBOOKS:
+    for nb in order:
         path = src / f"{nb}.ipynb"
-        if not path.is_file():
-            raise DcmfgError(f"{path}: notebook missing")
-        declared = pm.inspect_notebook(str(path))
+        declared = declared_by[nb]
         values = notebook_parameters(params, nb, declared)
         values["work_dir"] = str(work_dir)
         if "param_set" in declared:

@@ -176,3 +176,24 @@ def test_quick_study_builds_an_offline_book_that_renders(tmp_path, monkeypatch):
         png = tmp_path / f"{name}.png"
         screenshot(page, png)
         assert_not_blank(png)
+
+
+def test_a_typo_in_any_section_fails_before_any_notebook_runs(tmp_path):
+    f = tmp_path / "typo.yaml"
+    f.write_text("common: {seeds: [0]}\nnotebooks:\n  07-scaling: {repeets: 2}\n")
+    with pytest.raises(ConfigError, match=r"notebooks.07-scaling sets \['repeets'\]"):
+        study.run_study(str(f), out_book=tmp_path / "book", work_dir=tmp_path / "work", skip_build=True,
+                        log=lambda *_: None)
+    assert not list((tmp_path / "book").rglob("*.ipynb"))  # nothing was executed
+
+
+def test_synthetic_books_carry_a_site_wide_announcement(tmp_path):
+    dest = study._book_config(REPO / "book", study.DataChoice("synthetic", "", True, "no data here"), tmp_path / "c.yml")
+    import yaml
+
+    cfg = yaml.safe_load(dest.read_text())
+    assert "SYNTHETIC" in cfg["sphinx"]["config"]["html_theme_options"]["announcement"]
+    assert cfg["execute"]["execute_notebooks"] == "off" and cfg["launch_buttons"]["thebe"] is False
+    real = yaml.safe_load(study._book_config(REPO / "book", study.DataChoice("mirflickr25k", "/d", False, "found"),
+                                             tmp_path / "r.yml").read_text())
+    assert "announcement" not in real["sphinx"]["config"]["html_theme_options"]
