@@ -43,8 +43,15 @@ class GraphConfig:
     relation: str = "mutual"  # mutual | knn | static
     k: int = 8
     cross_modal_only: bool = False
+    # Extra cross-modal neighbours (0 = none): the union with the mutual-kNN edges among the other modality's nodes
+    # only, with this k. Without it the modality gap (image-image and text-text cosines far above image-text)
+    # leaves a plain kNN graph with hardly any cross-modal edge, and the alignment term never acts.
+    cross_k: int = 0
     fallback: str = "nearest"  # nearest | none: what a node without a (mutual) neighbour gets
     rebuild_per_layer: bool = True  # DynamicEdgeConv-style: rebuild the graph before every layer
+    # Drop the edge between an item's image and its own text in training and bank graphs: a query never has its
+    # partner in the bank, so a model trained with that edge would learn to copy from a neighbour it lacks later.
+    exclude_pair: bool = True
     inference: str = "bank"  # bank (inductive) | transductive (re-ranking over query + database)
     rerank_top: int = 100  # transductive mode: re-score this many top items per query
 

@@ -13,6 +13,8 @@ It also holds the region-word alignment score that the attention of cross-modal 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -42,8 +44,29 @@ def check_k(k: int, n_candidates: int, where: str) -> None:
         )
 
 
+def parts(cfg: GraphConfig) -> list[GraphConfig]:
+    """The kNN relations whose edges the graph is the union of: the main one, plus cross-modal-only with
+    k = cross_k when that is set."""
+    out = [cfg]
+    if cfg.cross_k > 0 and not cfg.cross_modal_only:
+        out.append(dataclasses.replace(cfg, k=cfg.cross_k, cross_modal_only=True, cross_k=0))
+    return out
+
+
+def _union(edge_index: torch.Tensor, n_src: int) -> torch.Tensor:
+    key = torch.unique(edge_index[1] * n_src + edge_index[0])  # sorted: deterministic order (target, source)
+    return torch.stack([key % n_src, key // n_src])
+
+
 def batch_edges(h: torch.Tensor, modality: torch.Tensor, cfg: GraphConfig) -> torch.Tensor:
-    """Mutual (or plain) kNN edges over the nodes of one graph from their current features h (N, d)."""
+    """Mutual (or plain) kNN edges over the nodes of one graph from their current features h (N, d), united
+    with the cross-modal relation when graph.cross_k is set."""
+    if len(parts(cfg)) > 1:
+        return _union(torch.cat([_one_relation(h, modality, c) for c in parts(cfg)], dim=1), len(h))
+    return _one_relation(h, modality, cfg)
+
+
+def _one_relation(h: torch.Tensor, modality: torch.Tensor, cfg: GraphConfig) -> torch.Tensor:
     n_img = int((modality == IMAGE).sum())
     n_candidates = min(n_img, len(h) - n_img) if cfg.cross_modal_only else len(h) - 1
     check_k(cfg.k, n_candidates, f"{len(h)}-node graph")
@@ -58,6 +81,12 @@ def batch_edges(h: torch.Tensor, modality: torch.Tensor, cfg: GraphConfig) -> to
             fallback=cfg.fallback,
             self_loops=True,
         )
+
+
+def drop_pair_edges(edge_index: torch.Tensor, n_pairs: int) -> torch.Tensor:
+    """Remove the edges between image node i and text node n_pairs + i (nodes: n_pairs images, then texts)."""
+    src, dst = edge_index
+    return edge_index[:, (src - dst).abs() != n_pairs]
 
 
 def static_pair_edges(raw_img: torch.Tensor, raw_txt: torch.Tensor, cfg: GraphConfig) -> torch.Tensor:
@@ -87,6 +116,20 @@ def bank_tau(bank_h: torch.Tensor, bank_modality: torch.Tensor, cfg: GraphConfig
     return search.kth_neighbour_similarity(
         bank_h, cfg.k, modality=bank_modality, cross_modal_only=cfg.cross_modal_only
     ).to(bank_h.dtype)
+
+
+def bank_taus(bank_h: torch.Tensor, bank_modality: torch.Tensor, cfg: GraphConfig) -> list[torch.Tensor]:
+    """tau of every relation in `parts(cfg)`, in that order."""
+    return [bank_tau(bank_h, bank_modality, c) for c in parts(cfg)]
+
+
+def query_bank_edges_all(hq, query_modality, bank_h, bank_modality, taus, cfg: GraphConfig, exclude=None):
+    """`query_bank_edges` for every relation in `parts(cfg)`, united (each pair once)."""
+    found = [query_bank_edges(hq, query_modality, bank_h, bank_modality, t, c, exclude) for c, t in zip(parts(cfg), taus)]
+    if len(found) == 1:
+        return found[0]
+    e = _union(torch.stack([torch.cat([b for _, b in found]), torch.cat([q for q, _ in found])]), len(bank_h))
+    return e[1], e[0]
 
 
 def query_bank_edges(

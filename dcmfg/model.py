@@ -165,7 +165,7 @@ class Bank:
 
     states: list[torch.Tensor]  # input of each layer, (M, d)
     sources: list[torch.Tensor]  # lin_l of each layer's states (M, heads, channels): the bank as message sources
-    taus: list[torch.Tensor]  # per layer: similarity of each bank node's k-th neighbour in the bank
+    taus: list  # per layer, per relation of graph.parts: similarity of each bank node's k-th neighbour in the bank
     modality: torch.Tensor  # (M,) 0 image, 1 text
     token_row: torch.Tensor  # (M,) row into regions (image nodes) or words/mask (text nodes)
     regions: torch.Tensor | None = None  # projected region tokens of the bank images
@@ -231,7 +231,7 @@ class DCMFG(nn.Module):
         edges = None
         for i, layer in enumerate(self.layers):
             if edges is None or self.gcfg.rebuild_per_layer:
-                edges = static if static is not None else G.batch_edges(h, modality, self.gcfg)
+                edges = static if static is not None else self._graph(h, modality, b)
             align = (
                 G.edge_alignment(edges, modality, token_row, enc["regions"], enc["words"], enc["mask"])
                 if self.use_tokens
@@ -247,6 +247,10 @@ class DCMFG(nn.Module):
             out["attention"] = attention
             out["modality"] = modality
         return out
+
+    def _graph(self, h: torch.Tensor, modality: torch.Tensor, n_pairs: int) -> torch.Tensor:
+        edges = G.batch_edges(h, modality, self.gcfg)
+        return G.drop_pair_edges(edges, n_pairs) if self.gcfg.exclude_pair else edges
 
     def _heads(self, h_img: torch.Tensor, h_txt: torch.Tensor) -> dict:
         return {
@@ -285,10 +289,10 @@ class DCMFG(nn.Module):
         edges = None
         for layer in self.layers:
             if edges is None or self.gcfg.rebuild_per_layer:
-                edges = static if static is not None else G.batch_edges(h, modality, self.gcfg)
+                edges = static if static is not None else self._graph(h, modality, m0)
             bank.states.append(h)
             bank.sources.append(layer.conv.lin_l(h).view(len(h), layer.conv.heads, layer.conv.channels))
-            bank.taus.append(G.bank_tau(h, modality, self.gcfg) if static is None else None)
+            bank.taus.append(G.bank_taus(h, modality, self.gcfg) if static is None else None)
             align = (
                 G.edge_alignment(edges, modality, token_row, bank.regions, bank.words, bank.mask)
                 if self.use_tokens
@@ -356,9 +360,15 @@ class DCMFG(nn.Module):
                     )
                     bj = bj + (0 if is_img else len(raw))  # bank order: images, then texts
                 else:
-                    qi, bj = G.query_bank_edges(
+                    qi, bj = G.query_bank_edges_all(
                         h, qmod, bank.states[i], bank.modality, bank.taus[i], self.gcfg, exclude
                     )
+                    if exclude is not None and self.gcfg.exclude_pair:
+                        # a bank member's own partner (its image or text) is not linked either, as in training
+                        m0 = len(bank.modality) // 2
+                        partner = torch.where(exclude >= 0, (exclude + m0) % (2 * m0), exclude)
+                        keep = bj != partner[qi]
+                        qi, bj = qi[keep], bj[keep]
                 edge_index = torch.stack([torch.cat([bj + q, ar]), torch.cat([qi, ar])])
                 align = None
                 if self.use_tokens:

@@ -144,3 +144,24 @@ def test_edge_alignment_is_zero_on_same_modality_edges_and_matches_dense():
     img = torch.where(mod[src] == 0, src, dst)
     txt = torch.where(mod[src] == 0, dst, src)
     torch.testing.assert_close(a[cross], dense[row[img], row[txt]])
+
+
+def test_cross_k_adds_cross_modal_edges_across_a_modality_gap():
+    h, mod = _nodes(b=16)
+    # a modality gap: each modality lives mostly in its own half of the dimensions
+    h[mod == 0, 8:] *= 0.05
+    h[mod == 1, :8] *= 0.05
+    base = G.batch_edges(h, mod, GraphConfig(k=4))
+    assert not bool((mod[base[0]] != mod[base[1]]).any())
+    both = G.batch_edges(h, mod, GraphConfig(k=4, cross_k=2))
+    cross = mod[both[0]] != mod[both[1]]
+    assert bool(cross.any())
+    keys = lambda e: set((e[0] * 100 + e[1]).tolist())  # noqa: E731
+    assert keys(base) <= keys(both)  # a union: nothing of the main relation is lost
+    only = G.batch_edges(h, mod, GraphConfig(k=2, cross_modal_only=True))
+    assert keys(both) == keys(base) | keys(only)
+    # bank mode unites the same two relations
+    cfg = GraphConfig(k=4, cross_k=2)
+    taus = G.bank_taus(h, mod, cfg)
+    qi, bj = G.query_bank_edges_all(h[:3], mod[:3], h, mod, taus, cfg, exclude=torch.arange(3))
+    assert bool((mod[bj] != mod[qi]).any()) and len(set(zip(qi.tolist(), bj.tolist()))) == len(qi)

@@ -96,6 +96,9 @@ def test_train_writes_the_contract_and_evaluate_reproduces_it(tmp_path, syn_data
     val = evaluate(run, "val", out=tmp_path / "val.json")
     assert (tmp_path / "val.json").is_file()
     assert val["map_i2t"] == pytest.approx(json.loads((run / "best" / "meta.json").read_text())["val_map_i2t"], abs=1e-6)
+    trans = evaluate(run, "query", out=tmp_path / "trans.json", overrides=["graph.inference=transductive"])
+    assert trans["map_i2t"] == pytest.approx(rep["map_i2t"], abs=1e-6)  # inductive numbers unchanged
+    assert 0 < trans["transductive"]["map_i2t"] <= 1 and "transductive" in trans["transductive"]["note"]
     with pytest.raises(DcmfgError, match="not a dcmfg checkpoint"):
         evaluate(tmp_path, "query")
 
