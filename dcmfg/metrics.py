@@ -239,28 +239,35 @@ def _ap_stable_sum(rel_sorted: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
 _FUSED_HISTOGRAM_BINS = 1 << 14
 
 
-def _hamming_histograms(p: _Prepared, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+def _hamming_histograms(p: _Prepared, rows: slice, ws: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per query and Hamming distance d = 0..b: (items at d, relevant items at d), float64. No sort.
 
     key = (b + 1) * shared_labels + d comes out of ONE matrix product of [(b + 1) l_q, -q / 2] and [l_x, x]
     (plus b / 2; every term is exact in float32), and one scatter of ones into (b + 1) x (C + 1) bins per query
-    counts both histograms at once.
+    counts both histograms at once. `ws` (a dict kept across the chunks of one call) holds the database side and
+    the key buffers, so chunks reuse memory instead of faulting in fresh pages.
     """
+    ws = {} if ws is None else ws
     q, ql = p.query[rows], p.query_labels[rows]
     n_bits, n_labels = p.query.shape[1], p.query_labels.shape[1]
     width = n_bits + 1
+    chunk = q.shape[0]
     if width * (n_labels + 1) <= _FUSED_HISTOGRAM_BINS:
+        if "db" not in ws:
+            ws["db"] = torch.cat([p.database_labels, p.database], dim=1).T.contiguous()
+            ws["f"] = torch.empty(chunk, p.n_database, device=q.device)
+            ws["l"] = torch.empty(chunk, p.n_database, dtype=torch.long, device=q.device)
         a = torch.cat([ql * width, q * -0.5], dim=1)
-        b = torch.cat([p.database_labels, p.database], dim=1)
-        keys = torch.addmm(q.new_tensor(n_bits / 2), a, b.T).long()
+        keys_f = torch.addmm(q.new_tensor(n_bits / 2), a, ws["db"], out=ws["f"][:chunk])
+        keys = ws["l"][:chunk].copy_(keys_f)
         n_bins = width * (n_labels + 1)
     else:  # many labels: relevance first, key = 2 d + relevant
         keys = _distances(p, rows).mul_(2).add_(_shared_labels(p, rows).clamp_(max=1)).long()
         keys = keys // 2 + (keys % 2) * width
         n_bins = 2 * width
-    h = torch.zeros(keys.shape[0], n_bins, dtype=torch.float32, device=keys.device)
+    h = torch.zeros(chunk, n_bins, dtype=torch.float32, device=keys.device)
     h.scatter_add_(1, keys, torch.ones(1, 1, device=keys.device).expand_as(keys))
-    h = h.double().view(keys.shape[0], -1, width)
+    h = h.double().view(chunk, -1, width)
     return h.sum(1), h[:, 1:].sum(1)
 
 
@@ -348,6 +355,7 @@ def mean_average_precision(
     harmonic = _harmonic(n_db, p.device) if ties == "expected" else None
     per_query = torch.empty(p.n_query, dtype=torch.float64, device=p.device)
     n_rel = torch.empty(p.n_query, dtype=torch.float64, device=p.device)
+    ws: dict = {}
     for rows in _chunk_rows(p.n_query, n_db, chunk_size):
         if ties == "stable":
             rel = _shared_labels(p, rows) > 0
@@ -358,7 +366,7 @@ def mean_average_precision(
             den = big_r.clamp(max=kk) if denominator == "relevant" else found
         else:
             if p.distance == "hamming":
-                n, r = _hamming_histograms(p, rows)
+                n, r = _hamming_histograms(p, rows, ws)
             else:
                 dist_sorted, order = torch.sort(_distances(p, rows), dim=1, stable=True)
                 n, r = _tie_groups(dist_sorted, (_shared_labels(p, rows) > 0).gather(1, order))
@@ -474,8 +482,9 @@ def pr_curve_hamming(
     total = torch.empty(p.n_query, n_bits + 1, dtype=torch.float64, device=p.device)
     found = torch.empty_like(total)
     n_rel = torch.empty(p.n_query, dtype=torch.float64, device=p.device)
+    ws: dict = {}
     for rows in _chunk_rows(p.n_query, p.n_database, chunk_size):
-        n, r = _hamming_histograms(p, rows)
+        n, r = _hamming_histograms(p, rows, ws)
         n_rel[rows] = r.sum(1)
         total[rows] = torch.cumsum(n, 1)
         found[rows] = torch.cumsum(r, 1)
