@@ -52,8 +52,7 @@ class GraphConfig:
     # Drop the edge between an item's image and its own text in training and bank graphs: a query never has its
     # partner in the bank, so a model trained with that edge would learn to copy from a neighbour it lacks later.
     exclude_pair: bool = True
-    inference: str = "bank"  # bank (inductive) | transductive (re-ranking over query + database)
-    rerank_top: int = 100  # transductive mode: re-score this many top items per query
+    inference: str = "bank"  # bank (inductive) | transductive (adds separate re-ranked numbers to the report)
 
 
 @dataclass

@@ -78,7 +78,7 @@ def test_config_errors_name_the_key_and_list_the_valid_ones(tmp_path):
 
 def test_train_writes_the_contract_and_evaluate_reproduces_it(tmp_path, syn_data):
     run = tmp_path / "run"
-    res = train(_cfg(), run, data=syn_data)
+    res = train(_cfg("train.epochs=8"), run, data=syn_data)
     rep = json.loads((run / "report.json").read_text())
     for key in ("map_i2t", "map_t2i", "records", "config", "split_fingerprint", "summaries"):
         assert key in rep
