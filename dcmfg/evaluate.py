@@ -1,7 +1,8 @@
 """Retrieval evaluation (method.md section 6): embed the bank once, the database and queries against it, score.
 
 `evaluate(checkpoint_dir, split="query") -> dict` is the Python API; `dcmfg evaluate --checkpoint RUN --split query`
-the command. Both write a JSON report (`report.json` for the query split, `report_<split>.json` otherwise).
+the command. Both write a JSON report, `RUN/evaluate_<split>.json` unless told otherwise (train's own
+`report.json` is never overwritten).
 """
 
 from __future__ import annotations
@@ -292,7 +293,8 @@ def evaluate(checkpoint_dir, split: str = "query", out: str | Path | None = None
     report["config"] = cfg.to_dict()
     report["checkpoint"] = str(checkpoint_dir)
     report["epoch"] = meta.get("epoch")
-    out = Path(out) if out else run_dir / ("report.json" if split == "query" else f"report_{split}.json")
+    # not report.json: that one is train's own record (best epoch, validation score) and stays as written
+    out = Path(out) if out else run_dir / f"evaluate_{split}.json"
     write_json_atomic(out, report)
     report["path"] = str(out)
     return report
@@ -305,7 +307,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="evaluate a trained checkpoint; writes a JSON report")
     p.add_argument("--checkpoint", required=True, help="run folder (uses its best/) or a checkpoint folder")
     p.add_argument("--split", default="query", choices=("query", "val"))
-    p.add_argument("--out", default=None, help="report path (default RUN/report.json or RUN/report_<split>.json)")
+    p.add_argument("--out", default=None, help="report path (default RUN/evaluate_<split>.json)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="evaluation switches, e.g. eval.distance=hamming or graph.inference=transductive")
     p.set_defaults(func=_cli)

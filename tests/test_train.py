@@ -90,7 +90,9 @@ def test_train_writes_the_contract_and_evaluate_reproduces_it(tmp_path, syn_data
     q, db = syn_data.part("query"), syn_data.part("database")
     rel = ((syn_data.labels[q] @ syn_data.labels[db].T) > 0).float().mean()
     assert rep["map_i2t"] > rel + 0.02 and rep["map_t2i"] > rel + 0.02
+    written = (run / "report.json").read_bytes()
     again = evaluate(run, "query")
+    assert (run / "report.json").read_bytes() == written and Path(again["path"]).name == "evaluate_query.json"
     assert again["map_i2t"] == pytest.approx(rep["map_i2t"], abs=1e-6)
     assert again["map_t2i"] == pytest.approx(rep["map_t2i"], abs=1e-6)
     val = evaluate(run, "val", out=tmp_path / "val.json")
