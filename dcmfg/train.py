@@ -270,6 +270,17 @@ def train(config: Config | dict | str | Path, out_dir: str | Path | None = None,
           data: DataBundle | None = None) -> RunResult:
     """Train a model by the config; resumes from `out_dir/last` when present; ends by evaluating the selected
     checkpoint on the query split (report.json). `data` lets a caller reuse loaded features."""
+    # Multi-threaded CPU scatter/index kernels add in a varying order; the deterministic variants make the same
+    # seed give the same numbers to the last bit (measured: without it, epoch losses differ at 1e-7).
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _train(config, out_dir, resume=resume, data=data)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _train(config, out_dir, *, resume: bool, data: DataBundle | None) -> RunResult:
     if isinstance(config, (str, Path)):
         cfg = load_config(config)
     elif isinstance(config, dict):
