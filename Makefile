@@ -4,6 +4,9 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Real data: DCMFG_DATA names a folder of dataset folders; default to ../shared/data where it exists.
+DCMFG_DATA ?= $(firstword $(wildcard $(CURDIR)/../shared/data))
+export DCMFG_DATA
 
 .PHONY: study test setup browser clean
 

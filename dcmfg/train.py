@@ -236,7 +236,8 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.
     perm = torch.randperm(n, generator=generator)
     chunks = list(torch.split(perm, batch_size))
     if len(chunks) > 1 and len(chunks[-1]) < batch_size // 2:
-        chunks[-2] = torch.cat([chunks[-2], chunks.pop()])
+        last = chunks.pop()  # pop first: `chunks[-2] = cat(..., pop())` would write to the wrong slot
+        chunks[-1] = torch.cat([chunks[-1], last])
     return chunks
 
 

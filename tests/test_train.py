@@ -185,3 +185,13 @@ def test_cli_train_and_evaluate_one_line_errors(tmp_path, syn_data, capsys):
     args = p.parse_args(["evaluate", "--checkpoint", str(tmp_path / "missing"), "--split", "query"])
     with pytest.raises(DcmfgError, match="not a dcmfg checkpoint"):
         args.func(args)
+
+
+@pytest.mark.parametrize("n,batch_size", [(200, 128), (526, 128), (10, 4), (64, 64)])
+def test_batches_cover_every_item_once(n, batch_size):
+    from dcmfg.train import _batches
+
+    chunks = _batches(n, batch_size, torch.Generator().manual_seed(0))
+    allidx = torch.cat(chunks)
+    assert sorted(allidx.tolist()) == list(range(n))  # each item trained exactly once per epoch
+    assert all(len(c) >= batch_size // 2 for c in chunks)
