@@ -191,6 +191,8 @@ def _jsonable(x):
 def retrieval_for_split(model, data: DataBundle, cfg: Config, split: str = "query", device="cpu") -> dict:
     """The report of one split: queries of `split` against the database (query split) or the training set
     (val split), bank = training set. Both distances when the model has a hash head; the config's is headline."""
+    import pandas as pd
+
     from dcmfg.metrics import report_summary, retrieval_report
 
     train_idx = data.part("train")
@@ -206,12 +208,20 @@ def retrieval_for_split(model, data: DataBundle, cfg: Config, split: str = "quer
     db = {m: {k: v[nq:] for k, v in e.items()} for m, e in emb.items()}
     ql, dl = data.labels[q_idx], data.labels[db_idx]
     distances = [cfg.eval.distance] + [d for d in ("cosine", "hamming") if d != cfg.eval.distance and (d == "cosine" or "h" in q["image"])]
+    groups = getattr(data.dataset, "groups", None)
+    # Several captions per image (captions="all"): the image side counts each image once (its group's first row),
+    # the text side keeps every caption. Splits are drawn by group, so a query's siblings are never in the database.
+    rq = _first_of_group(groups, q_idx)
+    rdb = _first_of_group(groups, db_idx)
     frames, summaries = [], {}
     for dist in distances:
-        df = retrieval_report(
-            codes(q["image"], dist), codes(q["text"], dist), codes(db["image"], dist), codes(db["text"], dist),
-            ql, dl, distance=dist, chunk_size=cfg.eval.chunk_size,
-        )
+        qi, qt, di, dt = (codes(q["image"], dist), codes(q["text"], dist), codes(db["image"], dist), codes(db["text"], dist))
+        if groups is None:
+            df = retrieval_report(qi, qt, di, dt, ql, dl, distance=dist, chunk_size=cfg.eval.chunk_size)
+        else:
+            i2t = retrieval_report(qi[rq], qt[rq], di, dt, ql[rq], dl, distance=dist, chunk_size=cfg.eval.chunk_size)
+            t2i = retrieval_report(qi, qt, di[rdb], dt[rdb], ql, dl[rdb], distance=dist, chunk_size=cfg.eval.chunk_size)
+            df = pd.concat([i2t[i2t["direction"] == "I->T"], t2i[t2i["direction"] == "T->I"]], ignore_index=True)
         frames.append(df)
         summaries[dist] = {k: _jsonable(v) for k, v in report_summary(df).items()}
     report = {
@@ -223,14 +233,14 @@ def retrieval_for_split(model, data: DataBundle, cfg: Config, split: str = "quer
         "summaries": summaries,
         "n_query": int(nq),
         "n_database": int(len(db_idx)),
+        "n_query_images": int(len(rq)),
+        "n_database_images": int(len(rdb)),
         "n_bank_pairs": int(len(train_idx)),
         "split_fingerprint": data.split.fingerprint,
         "split_protocol": data.split.protocol,
         "split_seed": data.split.seed,
         "records": [],
     }
-    import pandas as pd
-
     report["records"] = _jsonable(pd.concat(frames, ignore_index=True).astype(object).to_dict("records"))
     if cfg.graph.inference == "transductive":
         # Separate, clearly named numbers: queries and database propagated together.
@@ -244,6 +254,14 @@ def retrieval_for_split(model, data: DataBundle, cfg: Config, split: str = "quer
             "note": "transductive re-ranking: one propagation over the mutual-kNN graph of queries + database",
         }
     return report
+
+
+def _first_of_group(groups, idx: np.ndarray) -> np.ndarray:
+    """Positions (into idx) of the first row of each caption group among idx; all positions without groups."""
+    if groups is None:
+        return np.arange(len(idx))
+    _, first = np.unique(np.asarray(groups, dtype=np.int64)[idx], return_index=True)
+    return np.sort(first)
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -120,6 +120,9 @@ def test_split_train_evaluate(kind, tmp_path, capsys):
     trained = json.loads((run / "report.json").read_text())
     assert rep["split_fingerprint"] == split.fingerprint
     assert rep["n_query"] == len(split["query"]) and rep["n_database"] == len(split["database"])
+    # The image side counts each image once; the text side keeps every caption.
+    assert rep["n_query_images"] == 8 and rep["n_database_images"] == len(db_groups)
+    assert {r["direction"] for r in rep["records"]} == {"I->T", "T->I"}
     # Evaluating the saved checkpoint reproduces the training run's own report.
     assert rep["map_i2t"] == pytest.approx(trained["map_i2t"], abs=1e-6)
     assert rep["map_t2i"] == pytest.approx(trained["map_t2i"], abs=1e-6)
