@@ -17,7 +17,9 @@ COMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dcmfg", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="dcmfg", description="Cross-modal image-text retrieval with mutual-kNN dynamic graph networks (DCMFG)."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
