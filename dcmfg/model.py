@@ -15,7 +15,7 @@ text_words (N, W, Dt), text_mask (N, W) bool.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -185,6 +185,9 @@ class DCMFG(nn.Module):
         super().__init__()
         m = cfg.model
         self.cfg, self.gcfg = cfg, cfg.graph
+        # The static graph's bank search runs inside one modality (raw backbone spaces are not comparable), so
+        # cross_modal_only cannot apply there: it would leave no candidate at all.
+        self.static_gcfg = replace(cfg.graph, cross_modal_only=False)
         self.proj_img = Projection(image_dim, m.hidden, m.dim, m.dropout)
         self.proj_txt = Projection(text_dim, m.hidden, m.dim, m.dropout)
         self.use_tokens = m.attention == "alignment"
@@ -282,8 +285,8 @@ class DCMFG(nn.Module):
             bank.raw = {
                 "img": enc["raw_img"],
                 "txt": enc["raw_txt"],
-                "tau_img": G.bank_tau(enc["raw_img"], zeros, self.gcfg),
-                "tau_txt": G.bank_tau(enc["raw_txt"], zeros, self.gcfg),
+                "tau_img": G.bank_tau(enc["raw_img"], zeros, self.static_gcfg),
+                "tau_txt": G.bank_tau(enc["raw_txt"], zeros, self.static_gcfg),
             }
         h = torch.cat([enc["p_img"], enc["p_txt"]])
         edges = None
@@ -356,7 +359,7 @@ class DCMFG(nn.Module):
                     qi, bj = G.query_bank_edges(
                         g, torch.zeros(q, dtype=torch.long, device=dev), raw,
                         torch.zeros(len(raw), dtype=torch.long, device=dev),
-                        bank.raw["tau_img" if is_img else "tau_txt"], self.gcfg, ex,
+                        bank.raw["tau_img" if is_img else "tau_txt"], self.static_gcfg, ex,
                     )
                     bj = bj + (0 if is_img else len(raw))  # bank order: images, then texts
                 else:

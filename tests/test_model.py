@@ -87,9 +87,14 @@ def test_every_model_trains_every_parameter(name, attention):
     assert dead == []
 
 
-@pytest.mark.parametrize("relation,rebuild", [("mutual", True), ("knn", False), ("static", True)])
-def test_query_embedding_does_not_depend_on_the_other_queries(relation, rebuild):
-    cfg = _cfg("dcmfg", f"graph.relation={relation}", f"graph.rebuild_per_layer={str(rebuild).lower()}")
+@pytest.mark.parametrize(
+    "relation,rebuild,cross",
+    [("mutual", True, False), ("mutual", True, True), ("knn", False, False), ("static", True, False), ("static", True, True)],
+)
+def test_query_embedding_does_not_depend_on_the_other_queries(relation, rebuild, cross):
+    # cross_modal_only=true is the shipped default: the static graph's within-modality bank must still work with it
+    cfg = _cfg("dcmfg", f"graph.relation={relation}", f"graph.rebuild_per_layer={str(rebuild).lower()}",
+               f"graph.cross_modal_only={str(cross).lower()}")
     torch.manual_seed(0)
     model = create_model("dcmfg", cfg, DI, DT, C).eval()
     bank = model.build_bank(_feats(40, seed=1))
