@@ -161,7 +161,9 @@ def converted_weights() -> tuple[Path, str]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     try:
-        save_file(state, tmp, metadata={"source": str(src), "source_sha256": source_sha})
+        # One metadata key only: safetensors writes its metadata map in hash order, so several keys would make
+        # the bytes (and the sha256) of a rebuilt file differ; the source path goes into the sidecar instead.
+        save_file(state, tmp, metadata={"source_sha256": source_sha})
         sha = file_sha256(Path(tmp))
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache is shared
         os.replace(tmp, path)
