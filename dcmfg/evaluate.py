@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from dcmfg.config import Config, config_from_json
 from dcmfg.errors import ConfigError, DcmfgError
+from dcmfg.fileio import write_text_atomic
 
 FEATURE_KEYS = ("image_global", "image_regions", "text_global", "text_words", "text_mask")
 IMAGE, TEXT = 0, 1
@@ -265,8 +266,6 @@ def _first_of_group(groups, idx: np.ndarray) -> np.ndarray:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    from dcmfg.data.splits import write_text_atomic
-
     write_text_atomic(Path(path), json.dumps(_jsonable(obj), indent=1, sort_keys=True) + "\n")
 
 

@@ -31,6 +31,7 @@ import torch
 
 from dcmfg.data.base import CrossModalDataset, ImageReadError
 from dcmfg.errors import ConfigError
+from dcmfg.fileio import file_sha256, write_text_atomic
 from dcmfg.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -74,26 +75,6 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; caches are shared between users of one machine
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> str:
     """Write a safetensors file via a temp file + rename; returns its sha256."""
     from safetensors.torch import save_file
@@ -102,7 +83,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> str:
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        sha = _sha256(Path(tmp))
+        sha = file_sha256(Path(tmp))
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
@@ -118,7 +99,7 @@ def _load_chunk(path: Path, entry: dict, shapes: dict[str, tuple]) -> dict[str, 
     if not path.exists():
         log.warning("%s: listed in the manifest but missing; rebuilding it", path)
         return None
-    if _sha256(path) != entry.get("sha256"):
+    if file_sha256(path) != entry.get("sha256"):
         log.warning("%s: sha256 does not match the manifest (corrupt); rebuilding it", path)
         return None
     try:
@@ -328,7 +309,7 @@ def _read_manifest(folder: Path, key: str, material: dict, dims: dict, counts: d
 
 def _write_manifest(folder: Path, manifest: dict) -> None:
     manifest["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    _atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=1))
+    write_text_atomic(folder / "manifest.json", json.dumps(manifest, indent=1))
 
 
 def _extract_images(dataset, rows, enc, regions, batch_size, on_corrupt, bar) -> tuple[dict, list[int]]:

@@ -14,7 +14,6 @@ mean under `empty="exclude"`; `count_empty_queries` and `retrieval_report` say h
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 

@@ -14,7 +14,6 @@ text_words (N, W, Dt), text_mask (N, W) bool.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
 

@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from dcmfg.errors import ConfigError, DcmfgError
+from dcmfg.fileio import write_text_atomic
 from dcmfg.paths import cache_dir, data_dir
 
 # Run order: each notebook reads what the earlier ones wrote under work_dir.
@@ -216,7 +216,7 @@ def show_table(df, caption: str, precision: int = 4, index: bool = False) -> Non
 
 def write_json(path: str | os.PathLike, obj) -> None:
     """Write JSON atomically (temp file + rename), so a crash never leaves a half-written file for the next notebook."""
-    _atomic_write_text(Path(path), json.dumps(obj, indent=1, default=str))
+    write_text_atomic(Path(path), json.dumps(obj, indent=1, default=str))
 
 
 def _set_dotted(values: dict, dotted: str, value) -> None:
@@ -267,8 +267,8 @@ def train_run(model: str, work: Path, split_file: str, seed: int, settings: dict
     t0 = time.perf_counter()
     result = train(cfg, out, data=data)
     seconds = time.perf_counter() - t0
-    _atomic_write_text(done, json.dumps({"seconds": seconds, "model": model, "seed": int(seed), "settings": settings},
-                                        default=str))
+    write_text_atomic(done, json.dumps({"seconds": seconds, "model": model, "seed": int(seed), "settings": settings},
+                                       default=str))
     return {**result.report, "run_dir": str(out), "seconds": seconds, "reused": False,
             "history": result.history}
 
@@ -319,18 +319,6 @@ class StudyResult:
     runs: list[NotebookRun] = field(default_factory=list)
     build_seconds: float = 0.0
     seconds: float = 0.0
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def stage_book_sources(out_book: Path) -> None:
@@ -396,7 +384,7 @@ def run_notebooks(
         log(f"[study] {nb}: done in {dt:.1f} s")
         runs.append(NotebookRun(nb, str(out), values, dt))
         timings.append({"notebook": nb, "seconds": round(dt, 2)})
-        _atomic_write_text(timings_path, json.dumps(timings, indent=1))
+        write_text_atomic(timings_path, json.dumps(timings, indent=1))
     return runs
 
 
@@ -406,7 +394,7 @@ def _book_config(book_dir: Path, choice: DataChoice, dest: Path) -> Path:
     if choice.synthetic:
         opts = cfg.setdefault("sphinx", {}).setdefault("config", {}).setdefault("html_theme_options", {})
         opts["announcement"] = "Built from the SYNTHETIC fallback set, not real data: " + choice.reason + "."
-    _atomic_write_text(dest, yaml.safe_dump(cfg, sort_keys=False))
+    write_text_atomic(dest, yaml.safe_dump(cfg, sort_keys=False))
     return dest
 
 
@@ -464,7 +452,7 @@ def run_study(
     if not choice.synthetic:
         p["common"] = {**p["common"], "dataset": choice.name, "data_root": choice.root}
     work.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(work / "study-params.json", json.dumps({**p, "data": asdict(choice)}, indent=1, default=str))
+    write_text_atomic(work / "study-params.json", json.dumps({**p, "data": asdict(choice)}, indent=1, default=str))
     runs = run_notebooks(p, book / "chapters", work, notebooks=notebooks, log=log)
     result = StudyResult(p["name"], str(book), str(work), None, asdict(choice), runs)
     if not skip_build:

@@ -36,6 +36,7 @@ from dcmfg.evaluate import (
     write_json_atomic,
 )
 from dcmfg.graph import NonFiniteFeatures
+from dcmfg.fileio import write_text_atomic
 from dcmfg.losses import total_loss
 from dcmfg.model import create_model, load_weights, save_weights
 
@@ -116,12 +117,6 @@ def _gather_fn(sizes: list[int], rank: int):
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def _write_atomic_text(path: Path, text: str) -> None:
-    from dcmfg.data.splits import write_text_atomic
-
-    write_text_atomic(path, text)
-
-
 def _save_tensors_atomic(tensors: dict, path: Path) -> None:
     import tempfile
 
@@ -158,15 +153,15 @@ def save_checkpoint(folder: Path, model, cfg: Config, meta: dict, optimizer=None
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_weights(model, tmp / "model.safetensors")
-    _write_atomic_text(tmp / "config.json", cfg.to_json() + "\n")
-    _write_atomic_text(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(tmp / "config.json", cfg.to_json() + "\n")
+    write_text_atomic(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
     if optimizer is not None:
         osd = optimizer.state_dict()
         tensors = {f"state/{pid}/{name}": t for pid, s in osd["state"].items() for name, t in s.items()}
         _save_tensors_atomic(tensors, tmp / "optimizer.safetensors")
         _save_tensors_atomic({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
         sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-        _write_atomic_text(
+        write_text_atomic(
             tmp / "state.json",
             json.dumps({"param_groups": osd["param_groups"], "scheduler": sched, "loop": state}, indent=1) + "\n",
         )
@@ -254,7 +249,7 @@ def _trim_jsonl(path: Path, epochs_done: int) -> list[dict]:
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r.get("epoch", 0) <= epochs_done]  # record epochs are 1-based
-    _write_atomic_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     return rows
 
 
@@ -417,7 +412,7 @@ def _train(config, out_dir, *, resume: bool, data: DataBundle | None) -> RunResu
             if improved:
                 save_checkpoint(out / "best", model, cfg, {**meta, "epoch": epoch + 1, **val})
             if fresh_metrics:
-                _write_atomic_text(metrics_path, json.dumps(record, sort_keys=True) + "\n")
+                write_text_atomic(metrics_path, json.dumps(record, sort_keys=True) + "\n")
                 fresh_metrics = False
             else:
                 _append_jsonl(metrics_path, record)

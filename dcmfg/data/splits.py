@@ -14,8 +14,6 @@ one seed gives a byte-identical file and every reader uses the same split.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,18 +176,7 @@ def split_to_json(split: Split) -> str:
     return json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=True) + "\n"
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder + os.replace, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from dcmfg.fileio import write_text_atomic  # noqa: E402  (re-exported: older callers import it here)
 
 
 def save_split(split: Split, path) -> Path:
