@@ -67,6 +67,14 @@ def default_root(name: str) -> Path:
     raise LayoutError(f"{name}: no root given and none found under DCMFG_DATA={folder}")
 
 
+def dataset_folder(name: str, root) -> Path:
+    """A loader's root folder: the one given, or the dataset's folder under DCMFG_DATA when root is None."""
+    root = default_root(name) if root is None else Path(root)
+    if not root.is_dir():
+        raise LayoutError(f"{root}: not a folder")
+    return root
+
+
 PREFERENCE = ["mirflickr25k", "nuswide", "mscoco", "manifest"]
 
 

@@ -287,13 +287,9 @@ def load_mirflickr(root=None, cleaned: bool = True, tags: str = "common", word_l
     """
     if tags not in ("common", "all"):
         raise DatasetError(f"mirflickr25k: tags must be 'common' or 'all', got {tags!r}")
-    if root is None:
-        from .discover import default_root
+    from .discover import dataset_folder
 
-        root = default_root("mirflickr25k")
-    root = Path(root)
-    if not root.is_dir():
-        raise LayoutError(f"{root}: not a folder")
+    root = dataset_folder("mirflickr25k", root)
     layout = layout or detect_layout(root)
     if layout is None and any(find_raw(root, beside=True)):
         layout = "raw"  # incomplete, or root is mirflickr/ itself: loading finds the rest or says what is missing

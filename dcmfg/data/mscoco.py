@@ -277,13 +277,9 @@ def load_mscoco(
         only if nothing else is found, so a val-only download works).
     missing_images: "error" (default: name the first missing files) or "drop" (count in stats["dropped_missing_image"]).
     """
-    if root is None:  # the COCO folder found under DCMFG_DATA, as for the other datasets
-        from .discover import default_root
+    from .discover import dataset_folder
 
-        root = default_root("mscoco")
-    root = Path(root)
-    if not root.is_dir():
-        raise LayoutError(f"{root}: not a folder")
+    root = dataset_folder("mscoco", root)  # None: the COCO folder found under DCMFG_DATA
     if captions not in CAPTION_MODES:
         raise DatasetError(f"captions={captions!r} is not one of {', '.join(CAPTION_MODES)}")
     if missing_images not in ("error", "drop"):

@@ -282,13 +282,9 @@ def load_nuswide(root=None, concepts: str = "tc21", cleaned: bool = True, word_l
     """
     if concepts not in CONCEPT_SETS:
         raise DatasetError(f"nuswide: concepts must be one of {', '.join(CONCEPT_SETS)}, got {concepts!r}")
-    if root is None:
-        from .discover import default_root
+    from .discover import dataset_folder
 
-        root = default_root("nuswide")
-    root = Path(root)
-    if not root.is_dir():
-        raise LayoutError(f"{root}: not a folder")
+    root = dataset_folder("nuswide", root)
     base = find_raw_root(root)
     if base is not None:
         return _load_raw(base, concepts, bool(cleaned), image_root)
