@@ -18,9 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dcmfg.config import Config
-from dcmfg.model import Projection, register_model
-
-IMAGE, TEXT = 0, 1
+from dcmfg.modality import IMAGE, TEXT
+from dcmfg.model import Projection
 
 
 class _NoGraph(nn.Module):
@@ -58,7 +57,6 @@ class _NoGraph(nn.Module):
         return res
 
 
-@register_model("linear")
 class LinearModel(_NoGraph):
     def __init__(self, cfg: Config, image_dim: int, text_dim: int, num_labels: int):
         super().__init__()
@@ -73,7 +71,6 @@ class LinearModel(_NoGraph):
         return {"z": F.normalize(p, dim=1), "h": torch.tanh(self.hash_head(p)), "logits": self.label_head(p)}
 
 
-@register_model("dcmh")
 class DCMH(_NoGraph):
     def __init__(self, cfg: Config, image_dim: int, text_dim: int, num_labels: int):
         super().__init__()
@@ -105,7 +102,6 @@ class _TokenEncoder(nn.Module):
         return torch.tanh(self.hash(self.enc(x, src_key_padding_mask=pad)[:, 0]))
 
 
-@register_model("dcmht")
 class DCMHT(_NoGraph):
     def __init__(self, cfg: Config, image_dim: int, text_dim: int, num_labels: int):
         super().__init__()

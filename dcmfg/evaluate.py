@@ -20,8 +20,9 @@ from dcmfg.config import Config, config_from_json
 from dcmfg.errors import ConfigError, DcmfgError
 from dcmfg.fileio import write_text_atomic
 
+from dcmfg.modality import IMAGE, TEXT
+
 FEATURE_KEYS = ("image_global", "image_regions", "text_global", "text_words", "text_mask")
-IMAGE, TEXT = 0, 1
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -271,7 +272,8 @@ def write_json_atomic(path: Path, obj) -> None:
 
 def load_checkpoint_model(path) -> tuple[torch.nn.Module, Config, dict]:
     """A trained model from a checkpoint folder (or a run folder: its `best/` checkpoint)."""
-    from dcmfg.model import create_model, load_weights
+    from dcmfg.model import load_weights
+    from dcmfg.registry import create_model
 
     path = Path(path)
     if (path / "best" / "model.safetensors").is_file():

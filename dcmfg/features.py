@@ -18,8 +18,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -31,7 +29,7 @@ import torch
 
 from dcmfg.data.base import CrossModalDataset, ImageReadError
 from dcmfg.errors import ConfigError
-from dcmfg.fileio import file_sha256, write_text_atomic
+from dcmfg.fileio import file_sha256, save_safetensors_atomic, write_text_atomic
 from dcmfg.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -73,23 +71,6 @@ def _image_units(dataset: CrossModalDataset) -> tuple[np.ndarray, np.ndarray]:
 
 def _chunks(n: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, n)) for s in range(0, n, size)]
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> str:
-    """Write a safetensors file via a temp file + rename; returns its sha256."""
-    from safetensors.torch import save_file
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        sha = file_sha256(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return sha
 
 
 def _load_chunk(path: Path, entry: dict, shapes: dict[str, tuple]) -> dict[str, torch.Tensor] | None:
@@ -240,7 +221,7 @@ def _extract_locked(dataset, folder, key, material, img_enc, txt_enc, image_rows
                                                         on_corrupt, bar)
                 else:
                     tensors, bad_rows = _extract_texts(dataset, range(s, e), txt_enc, batch_size, bar), []
-                sha = _atomic_save(tensors, folder / fname)
+                sha = save_safetensors_atomic(tensors, folder / fname)
                 manifest["chunks"][fname] = {"kind": kind, "start": s, "stop": e, "sha256": sha,
                                              "corrupt": [dataset.image_key(r) for r in bad_rows],
                                              "corrupt_rows": bad_rows}

@@ -1,26 +1,46 @@
-"""Writing files so that nothing already written is lost: temp file in the same folder + os.replace."""
+"""Writing files so that nothing already written is lost (temp file in the same folder + os.replace), and sha256."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 
-def write_text_atomic(path, text: str) -> None:
-    """Write text via a temp file + rename, so a reader (or a killed run) never sees half a file."""
+@contextlib.contextmanager
+def atomic_path(path) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; on success it replaces `path` in one step, on any failure
+    (an exception, Ctrl-C) it is removed, so neither a reader nor a killed run ever sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
+        yield Path(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; caches are shared between users of one machine
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write text atomically (see `atomic_path`)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+
+
+def save_safetensors_atomic(tensors: dict, path, metadata: dict | None = None) -> str:
+    """Write tensors as a safetensors file atomically; returns the file's sha256."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        sha = file_sha256(tmp)
+    return sha
 
 
 def file_sha256(path) -> str:

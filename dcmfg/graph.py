@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from dcmfg import search
 from dcmfg.config import GraphConfig
 from dcmfg.errors import ConfigError, DcmfgError
-
-IMAGE, TEXT = 0, 1
+from dcmfg.modality import IMAGE
 
 
 class NonFiniteFeatures(DcmfgError):

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from dcmfg.errors import ConfigError
+from dcmfg.modality import IMAGE
 
-IMAGE, TEXT = 0, 1
 
 
 @dataclass

@@ -27,28 +27,6 @@ from dcmfg import graph as G
 from dcmfg.config import Config
 from dcmfg.errors import ConfigError
 
-# ---------------------------------------------------------------------------------------------- registry
-
-MODELS: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_model(name: str):
-    def wrap(cls):
-        MODELS[name] = cls
-        return cls
-
-    return wrap
-
-
-def create_model(name: str, cfg: Config, image_dim: int, text_dim: int, num_labels: int) -> nn.Module:
-    """A model by registry name (timm-style), built for the given feature widths and label count."""
-    import dcmfg.baselines  # noqa: F401  (registers linear, dcmh, dcmht)
-
-    if name not in MODELS:
-        raise ConfigError(f"unknown model.name {name!r}; available: {', '.join(sorted(MODELS))}")
-    return MODELS[name](cfg, image_dim, text_dim, num_labels)
-
-
 # ---------------------------------------------------------------------------------------------- pieces
 
 
@@ -176,7 +154,6 @@ class Bank:
 # ---------------------------------------------------------------------------------------------- DCMFG
 
 
-@register_model("dcmfg")
 class DCMFG(nn.Module):
     """Dynamic cross-modal feature graph network."""
 
@@ -397,24 +374,10 @@ class DCMFG(nn.Module):
 
 
 def save_weights(model: nn.Module, path) -> None:
-    """safetensors, written atomically (temp file + os.replace) so a kill never leaves half a file."""
-    import os
-    import tempfile
-    from pathlib import Path
+    """safetensors, written atomically so a kill never leaves half a file."""
+    from dcmfg.fileio import save_safetensors_atomic
 
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_safetensors_atomic(model.state_dict(), path)
 
 
 def load_weights(model: nn.Module, path) -> None:

@@ -36,9 +36,10 @@ from dcmfg.evaluate import (
     write_json_atomic,
 )
 from dcmfg.graph import NonFiniteFeatures
-from dcmfg.fileio import write_text_atomic
+from dcmfg.fileio import save_safetensors_atomic, write_text_atomic
 from dcmfg.losses import total_loss
-from dcmfg.model import create_model, load_weights, save_weights
+from dcmfg.model import load_weights, save_weights
+from dcmfg.registry import create_model
 
 # Config fields that may change between a run and its resume without changing what is computed.
 RESUME_FREE = {("train", "progress"), ("train", "threads"), ("train", "epochs"), ("train", "device"), ("train", "patience")}
@@ -117,21 +118,6 @@ def _gather_fn(sizes: list[int], rank: int):
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def _save_tensors_atomic(tensors: dict, path: Path) -> None:
-    import tempfile
-
-    from safetensors.torch import save_file
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _swap_dir(tmp: Path, final: Path) -> None:
     """Replace folder `final` by `tmp` so that some complete checkpoint exists at every instant."""
     old = final.with_name(final.name + ".old")
@@ -158,8 +144,8 @@ def save_checkpoint(folder: Path, model, cfg: Config, meta: dict, optimizer=None
     if optimizer is not None:
         osd = optimizer.state_dict()
         tensors = {f"state/{pid}/{name}": t for pid, s in osd["state"].items() for name, t in s.items()}
-        _save_tensors_atomic(tensors, tmp / "optimizer.safetensors")
-        _save_tensors_atomic({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
+        save_safetensors_atomic(tensors, tmp / "optimizer.safetensors")
+        save_safetensors_atomic({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
         sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
         write_text_atomic(
             tmp / "state.json",

@@ -11,7 +11,8 @@ from dcmfg import interpret
 from dcmfg.config import load_config
 from dcmfg.errors import ConfigError
 from dcmfg.losses import contrastive_loss, label_similarity, quantization_loss, total_loss
-from dcmfg.model import AttentionConv, MODELS, create_model, load_weights, save_weights
+from dcmfg.model import AttentionConv, load_weights, save_weights
+from dcmfg.registry import MODELS, create_model
 
 DI, DT, R, W, C = 24, 20, 4, 6, 5
 

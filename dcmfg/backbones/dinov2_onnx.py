@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from dcmfg.paths import cache_dir
-from dcmfg.fileio import file_sha256, write_text_atomic  # noqa: F401  (file_sha256 is part of this module's API)
+from dcmfg.fileio import file_sha256, save_safetensors_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +131,6 @@ def _verify(path: Path, sidecar: Path, source_sha: str) -> bool:
 
 def converted_weights() -> tuple[Path, str]:
     """Path of the converted safetensors (building it if missing, stale or corrupt) and its sha256."""
-    from safetensors.torch import save_file
-
     src = onnx_path()
     source_sha = _source_sha(src)
     path = _weights_file()
@@ -149,19 +145,9 @@ def converted_weights() -> tuple[Path, str]:
     if got != expected:
         raise ValueError(f"{src}: converted tensors do not fit timm vit_small_patch14_dinov2: "
                          f"missing {sorted(set(expected) - set(got))}, extra {sorted(set(got) - set(expected))}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        # One metadata key only: safetensors writes its metadata map in hash order, so several keys would make
-        # the bytes (and the sha256) of a rebuilt file differ; the source path goes into the sidecar instead.
-        save_file(state, tmp, metadata={"source_sha256": source_sha})
-        sha = file_sha256(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache is shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # One metadata key only: safetensors writes its metadata map in hash order, so several keys would make
+    # the bytes (and the sha256) of a rebuilt file differ; the source path goes into the sidecar instead.
+    sha = save_safetensors_atomic(state, path, metadata={"source_sha256": source_sha})
     write_text_atomic(sidecar, json.dumps({"sha256": sha, "source_sha256": source_sha,
                                             "version": CONVERSION_VERSION, "source": str(src)}, indent=1))
     log.info("converted %s -> %s", src, path)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from dcmfg.fileio import write_text_atomic
+
 from .base import DatasetError
 
 
@@ -76,10 +78,7 @@ def _record_sum(dest: Path, name: str, sha256: str) -> None:
     sums = read_sums(dest)
     sums[name] = sha256
     text = "".join(f"{h}  {n}\n" for n, h in sorted(sums.items()))
-    fd, tmp = tempfile.mkstemp(prefix=f".{SUMS_FILE}.", dir=dest)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, dest / SUMS_FILE)
+    write_text_atomic(dest / SUMS_FILE, text)
 
 
 def download(url: str, path: Path, timeout: float = 60.0, log: Callable[[str], None] = print) -> Path:

@@ -44,12 +44,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import re
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from dcmfg.fileio import atomic_path
 
 from .base import CrossModalDataset, DatasetError, LayoutError
 
@@ -206,15 +207,9 @@ def _cached_instances(path: Path) -> tuple[list[int], list[str], np.ndarray]:
         except (OSError, ValueError, KeyError):
             pass  # unreadable cache: parse again and overwrite
     cat_ids, cat_names, pairs = _read_instances(path)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".instances-", suffix=".npz", dir=cached.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_path(cached) as tmp:
+        with open(tmp, "wb") as f:
             np.savez(f, cat_ids=np.asarray(cat_ids, dtype=np.int64), cat_names=np.asarray(cat_names, dtype=str), pairs=pairs)
-        os.replace(tmp, cached)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return cat_ids, cat_names, pairs
 
 

@@ -1,0 +1,30 @@
+"""Models by name (timm-style): the one table of every model the harness can train and evaluate.
+
+The table names each model's module and class, so it is complete as soon as it is imported, and importing it pulls
+in no model code (no import cycle between the DCMFG model and the baselines).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from dcmfg.errors import ConfigError
+
+MODELS: dict[str, str] = {
+    "dcmfg": "dcmfg.model:DCMFG",
+    "linear": "dcmfg.baselines:LinearModel",
+    "dcmh": "dcmfg.baselines:DCMH",
+    "dcmht": "dcmfg.baselines:DCMHT",
+}
+
+
+def model_class(name: str):
+    if name not in MODELS:
+        raise ConfigError(f"unknown model.name {name!r}; available: {', '.join(sorted(MODELS))}")
+    module, cls = MODELS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def create_model(name: str, cfg, image_dim: int, text_dim: int, num_labels: int):
+    """A model by registry name, built for the given feature widths and label count."""
+    return model_class(name)(cfg, image_dim, text_dim, num_labels)
