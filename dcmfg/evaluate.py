@@ -65,18 +65,7 @@ def load_data(cfg: Config, run_dir: Path | None = None) -> DataBundle:
         split = make_split(dataset, protocol=d.protocol, query=d.query, val=d.val, seed=cfg.seed)
         if own is not None:
             save_split(split, own)
-    f = cfg.features
-    fs = extract_features(
-        dataset,
-        image_backbone=f.image_backbone,
-        text_backbone=f.text_backbone,
-        regions=f.regions,
-        max_words=f.max_words,
-        image_size=f.image_size,
-        batch_size=f.batch_size,
-        on_corrupt=f.on_corrupt,
-        progress=cfg.train.progress,
-    )
+    fs = extract_features(dataset, cfg.features, progress=cfg.train.progress)
     feats = {k: torch.as_tensor(getattr(fs, k)) for k in FEATURE_KEYS}
     valid = torch.as_tensor(fs.valid).bool()
     labels = torch.as_tensor(np.asarray(dataset.labels), dtype=torch.float32)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from dcmfg.data.base import CrossModalDataset, ImageReadError
+from dcmfg.config import FeatureConfig
 from dcmfg.errors import ConfigError
 from dcmfg.fileio import file_sha256, save_safetensors_atomic, write_text_atomic
 from dcmfg.paths import cache_dir
@@ -97,47 +98,45 @@ def _load_chunk(path: Path, entry: dict, shapes: dict[str, tuple]) -> dict[str, 
     return tensors
 
 
-def _resolve_encoders(image_backbone, text_backbone, *, regions, max_words, image_size, device):
+def _resolve_encoders(cfg: FeatureConfig, image_encoder, text_encoder, device):
     from dcmfg.backbones import create_image_encoder, create_text_encoder
 
-    img = (create_image_encoder(image_backbone, regions=regions, image_size=image_size, device=device)
-           if isinstance(image_backbone, str) else image_backbone)
-    txt = (create_text_encoder(text_backbone, max_words=max_words, device=device)
-           if isinstance(text_backbone, str) else text_backbone)
+    img = image_encoder or create_image_encoder(cfg.image_backbone, regions=cfg.regions, image_size=cfg.image_size,
+                                                device=device)
+    txt = text_encoder or create_text_encoder(cfg.text_backbone, max_words=cfg.max_words, device=device)
     return img, txt
 
 
 def extract_features(
     dataset: CrossModalDataset,
+    config: FeatureConfig | None = None,
     *,
-    image_backbone="dinov2-small-imgfocus",
-    text_backbone="minilm-l6",
-    regions: int = 4,
-    max_words: int = 32,
-    image_size: int = 224,
-    batch_size: int = 32,
-    on_corrupt: str = "skip",
+    image_encoder=None,
+    text_encoder=None,
     cache_root: str | Path | None = None,
     progress: bool = True,
     chunk_size: int = CHUNK_SIZE,
     device: str = "cpu",
     on_chunk: Callable[[str], None] | None = None,
 ) -> FeatureSet:
-    """Features of every item of `dataset`, from the cache when it holds them, else extracted (and cached).
+    """Features of every item of `dataset` under the settings of `config` (the `features` section of the run's
+    config; None: its defaults), from the cache when it holds them, else extracted (and cached).
 
-    `image_backbone` / `text_backbone` are registry names or encoder objects (then `regions`, `image_size`,
-    `max_words` are the encoder's own). `on_chunk(filename)` is called after each chunk is written.
+    `image_encoder` / `text_encoder` replace the backbones the config names by encoder objects (then `regions`,
+    `image_size`, `max_words` are the encoder's own). `on_chunk(filename)` is called after each chunk is written.
     """
+    cfg = config if config is not None else FeatureConfig()
+    on_corrupt, batch_size = cfg.on_corrupt, cfg.batch_size
     if on_corrupt not in ("skip", "fail"):
-        raise ConfigError(f"on_corrupt must be 'skip' or 'fail', got {on_corrupt!r}")
+        raise ConfigError(f"features.on_corrupt must be 'skip' or 'fail', got {on_corrupt!r}")
     if len(dataset) == 0:
         raise ConfigError(f"{dataset.root}: dataset {dataset.name!r} has no items to extract features from")
     if batch_size < 1 or chunk_size < 1:
-        raise ConfigError(f"batch_size and chunk_size must be >= 1 (got {batch_size}, {chunk_size})")
-    img_enc, txt_enc = _resolve_encoders(image_backbone, text_backbone, regions=regions, max_words=max_words,
-                                         image_size=image_size, device=device)
-    regions = int(getattr(img_enc, "regions", regions))
-    max_words = int(getattr(txt_enc, "max_words", max_words))
+        raise ConfigError(f"features.batch_size and chunk_size must be >= 1 (got {batch_size}, {chunk_size})")
+    img_enc, txt_enc = _resolve_encoders(cfg, image_encoder, text_encoder, device)
+    regions = int(getattr(img_enc, "regions", cfg.regions))
+    max_words = int(getattr(txt_enc, "max_words", cfg.max_words))
+    image_size = cfg.image_size
     image_rows, row_to_image = _image_units(dataset)
     material = {
         "format": FORMAT_VERSION,
@@ -365,29 +364,23 @@ def register(subparsers) -> None:
     e = sub.add_parser("extract", help="extract (or load from cache) the features of a dataset")
     e.add_argument("--dataset", required=True, help="dataset name (mirflickr25k, nuswide, mscoco, manifest, ...)")
     e.add_argument("--root", default=None, help="dataset folder")
-    e.add_argument("--image-backbone", default="dinov2-small-imgfocus")
-    e.add_argument("--text-backbone", default="minilm-l6")
-    e.add_argument("--regions", type=int, default=4)
-    e.add_argument("--max-words", type=int, default=32)
-    e.add_argument("--image-size", type=int, default=224)
-    e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--on-corrupt", choices=["skip", "fail"], default="skip")
+    e.add_argument("--config", default=None, help="a run config (YAML) whose features section to use")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a features setting, e.g. --set features.regions=2 (repeatable)")
     e.add_argument("--cache-root", default=None, help="features cache folder (default: $DCMFG_CACHE/features)")
     e.add_argument("--device", default="cpu")
     e.set_defaults(func=_cmd_extract)
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
+    from dcmfg.config import load_config
     from dcmfg.data import load_dataset
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config, args.overrides)
     dataset = load_dataset(args.dataset, args.root)
     t0 = time.perf_counter()
-    fs = extract_features(
-        dataset, image_backbone=args.image_backbone, text_backbone=args.text_backbone, regions=args.regions,
-        max_words=args.max_words, image_size=args.image_size, batch_size=args.batch_size,
-        on_corrupt=args.on_corrupt, cache_root=args.cache_root, device=args.device,
-    )
+    fs = extract_features(dataset, cfg.features, cache_root=args.cache_root, device=args.device)
     dt = time.perf_counter() - t0
     m = fs.meta
     print(f"{dataset.name}: {m['counts']['items']} items, {m['counts']['images']} images, "

@@ -14,6 +14,7 @@ import torch
 
 from dcmfg.backbones import create_image_encoder, create_text_encoder
 from dcmfg.data.base import CrossModalDataset, ImageReadError
+from dcmfg.config import FeatureConfig
 from dcmfg.features import extract_features
 
 IDS = [1, 2, 3, 4, 5]
@@ -48,8 +49,10 @@ def _counts(encoders) -> tuple[int, int]:
 
 
 def _extract(ds, encoders, root, **kw):
-    kw = {"chunk_size": 2, "batch_size": 2, "progress": False, **kw}
-    return extract_features(ds, image_backbone=encoders[0], text_backbone=encoders[1], cache_root=root, **kw)
+    settings = {"batch_size": 2, **{k: kw.pop(k) for k in ("on_corrupt", "batch_size") if k in kw}}
+    kw = {"chunk_size": 2, "progress": False, **kw}
+    return extract_features(ds, FeatureConfig(**settings), image_encoder=encoders[0], text_encoder=encoders[1],
+                            cache_root=root, **kw)
 
 
 def _same(a, b) -> None:
@@ -241,7 +244,7 @@ def test_cli_extract_on_a_manifest(mirflickr_root, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     features.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["features", "extract", "--dataset", "manifest", "--root", str(tmp_path / "items.jsonl"),
-                              "--cache-root", str(tmp_path / "cache"), "--batch-size", "2"])
+                              "--cache-root", str(tmp_path / "cache"), "--set", "features.batch_size=2"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "3 items, 3 images, 0 unreadable" in out and str(tmp_path / "cache") in out
