@@ -36,6 +36,8 @@ class FeatureConfig:
     image_size: int = 224
     batch_size: int = 32
     on_corrupt: str = "skip"
+    workers: int = 2  # DataLoader worker processes that read, decode and preprocess images (0: in the main process)
+    amp: bool = False  # mixed precision (autocast) for the backbones; acts on CUDA only, CPU stays float32
 
 
 @dataclass
@@ -96,7 +98,8 @@ class TrainConfig:
     warmup_epochs: int = 2
     patience: int = 10  # epochs without validation improvement before stopping
     grad_clip: float = 5.0
-    device: str = "cpu"
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
+    amp: bool = False  # mixed precision (autocast) for training on CUDA; CPU runs stay float32 and deterministic
     threads: int = 0  # torch threads; 0 = leave torch's default
     progress: bool = True
     select_metric: str = "map_mean"  # validation mAP@all mean of both directions

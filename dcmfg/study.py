@@ -31,11 +31,11 @@ NOTEBOOKS = [
     "02-features",
     "03-training",
     "04-benchmark",
-    "05-ablations",
-    "06-interpretability",
-    "07-scaling",
-    "08-comparison",
-    "09-reproducibility",
+    "06-ablations",
+    "07-interpretability",
+    "08-scaling",
+    "09-comparison",
+    "11-reproducibility",
 ]
 
 

@@ -164,11 +164,11 @@ def test_quick_study_builds_an_offline_book_that_renders(tmp_path, monkeypatch):
         text = page.read_text()
         assert '<script src="http' not in text and '<link href="http' not in text
     pages = {nb: (html / "chapters" / f"{nb}.html").read_text() for nb in study.NOTEBOOKS}
-    for nb in ["01-data", "04-benchmark", "05-ablations", "06-interpretability", "07-scaling", "08-comparison"]:
+    for nb in ["01-data", "04-benchmark", "06-ablations", "07-interpretability", "08-scaling", "09-comparison"]:
         assert "dcmfg-figure" in pages[nb] and "data:image/png;base64," in pages[nb], f"{nb}: no figure"
-    for nb in ["01-data", "03-training", "04-benchmark", "05-ablations", "07-scaling", "08-comparison", "09-reproducibility"]:
+    for nb in ["01-data", "03-training", "04-benchmark", "06-ablations", "08-scaling", "09-comparison", "11-reproducibility"]:
         assert "dcmfg-table" in pages[nb] and "<caption" in pages[nb], f"{nb}: no captioned table"
-    assert "mAP@all" in pages["04-benchmark"] and "reported" in pages["08-comparison"] and "measured" in pages["08-comparison"]
+    assert "mAP@all" in pages["04-benchmark"] and "reported" in pages["09-comparison"] and "measured" in pages["09-comparison"]
     banner = "dcmfg-synthetic-banner"
     assert (banner in pages["04-benchmark"]) == bool(result.data["synthetic"])
 
@@ -180,8 +180,8 @@ def test_quick_study_builds_an_offline_book_that_renders(tmp_path, monkeypatch):
 
 def test_a_typo_in_any_section_fails_before_any_notebook_runs(tmp_path):
     f = tmp_path / "typo.yaml"
-    f.write_text("common: {seeds: [0]}\nnotebooks:\n  07-scaling: {repeets: 2}\n")
-    with pytest.raises(ConfigError, match=r"notebooks.07-scaling sets \['repeets'\]"):
+    f.write_text("common: {seeds: [0]}\nnotebooks:\n  08-scaling: {repeets: 2}\n")
+    with pytest.raises(ConfigError, match=r"notebooks.08-scaling sets \['repeets'\]"):
         study.run_study(str(f), out_book=tmp_path / "book", work_dir=tmp_path / "work", skip_build=True,
                         log=lambda *_: None)
     assert not list((tmp_path / "book").rglob("*.ipynb"))  # nothing was executed

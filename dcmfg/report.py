@@ -1,0 +1,85 @@
+"""Numbers for tables: mean ± std over seeds, and paired differences with Student-t intervals and computed verdicts.
+
+A claim that A beats B rests on the per-seed differences A - B (same split file, same seed), not on two separate
+means: `paired_difference` gives their mean, the 95% Student-t interval (critical value for n - 1 degrees of freedom)
+and a verdict word computed from the interval, never typed by hand.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+BETTER, WORSE, NO_DIFFERENCE, NO_INTERVAL = "better", "worse", "no detectable difference", "one seed: no interval"
+
+
+def t_critical(n: int, confidence: float = 0.95) -> float:
+    """Two-sided Student-t critical value for a mean of n paired differences (n - 1 degrees of freedom)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + confidence / 2, n - 1)) if n > 1 else math.nan
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict:
+    """Per-pair differences a - b (pairs = seeds): mean, std, n, the t interval and the verdict for "a vs b".
+
+    verdict: "better" when the whole interval is above 0, "worse" when below, else "no detectable difference".
+    """
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"paired values must have the same length, got {a.shape} and {b.shape}")
+    d = a - b
+    n = int(len(d))
+    mean = float(d.mean()) if n else math.nan
+    std = float(d.std(ddof=1)) if n > 1 else math.nan
+    tc = t_critical(n, confidence)
+    half = tc * std / math.sqrt(n) if n > 1 else math.nan
+    lo, hi = mean - half, mean + half
+    if n < 2:
+        verdict = NO_INTERVAL
+    elif lo > 0:
+        verdict = BETTER
+    elif hi < 0:
+        verdict = WORSE
+    else:
+        verdict = NO_DIFFERENCE
+    return {"mean": mean, "std": std, "n": n, "ci_low": lo, "ci_high": hi, "t_crit": tc,
+            "confidence": confidence, "verdict": verdict}
+
+
+def paired_table(frame: pd.DataFrame, *, arm: str, reference: str, values: Iterable[str], pair: str = "seed",
+                 group: Sequence[str] = (), confidence: float = 0.95) -> pd.DataFrame:
+    """Paired differences `reference - other` for every other arm of column `arm`, per value column and group.
+
+    frame: one row per (arm, pair[, group]) with the value columns. Pairs missing on either side are dropped
+    (and the row's n says how many remained). Returns one row per (group..., other arm, value column).
+    """
+    rows = []
+    group = list(group)
+    keys = group + [pair]
+    for gkey, part in (frame.groupby(group, sort=False) if group else [((), frame)]):
+        gkey = gkey if isinstance(gkey, tuple) else (gkey,)
+        ref = part[part[arm] == reference].set_index(keys)
+        for other, opart in part[part[arm] != reference].groupby(arm, sort=False):
+            oth = opart.set_index(keys)
+            common = ref.index.intersection(oth.index)
+            for col in values:
+                stats = paired_difference(ref.loc[common, col], oth.loc[common, col], confidence)
+                rows.append({**dict(zip(group, gkey)), "comparison": f"{reference} - {other}", "value": col, **stats})
+    return pd.DataFrame(rows)
+
+
+def format_interval(row) -> str:
+    """'+0.0123 [-0.0040, +0.0286]' for a row (or dict) of `paired_difference`."""
+    if row["n"] < 2 or math.isnan(row["ci_low"]):
+        return f"{row['mean']:+.4f}"
+    return f"{row['mean']:+.4f} [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]"
+
+
+def mean_std(values) -> str:
+    """'0.7006 ± 0.0265' (sample std over seeds), or the single value when there is one."""
+    v = np.asarray(values, dtype=float)
+    return f"{v.mean():.4f} ± {v.std(ddof=1):.4f}" if len(v) > 1 else f"{v.mean():.4f}"
