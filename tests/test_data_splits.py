@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -129,3 +131,126 @@ def test_grouped_rows_stay_together(syn):
         assert not set(grouped.groups[s["query"]]) & set(grouped.groups[s["database"]])
     with pytest.raises(DatasetError, match=r"query=200.*100 groups"):
         make_split(grouped, query=200)
+
+
+# ---------------------------------------------------------------------------------------------- hand-edited files
+
+
+def _edited(syn, tmp_path, edit, dataset=None, train=None):
+    """Save a seeded split of `syn`, apply `edit(obj)` to its JSON as a user would by hand, and load it back."""
+    import json
+
+    split = make_split(dataset or syn, "random", query=60, train=train, val=0.1, seed=2)
+    path = save_split(split, tmp_path / "edited.json")
+    obj = json.loads(path.read_text())
+    edit(obj)
+    path.write_text(json.dumps(obj))
+    return load_split(path, dataset or syn)
+
+
+def _move(obj, src, dst, k=0, ids=True):
+    """Copy the k-th item of part `src` into part `dst` (with its id, so only the overlap is wrong)."""
+    obj["parts"][dst].append(obj["parts"][src][k])
+    if ids:
+        obj["ids"][dst].append(obj["ids"][src][k])
+
+
+def _set(obj, part, pos, value):
+    obj["parts"][part][pos] = value
+
+
+CASES = {
+    "duplicate": (lambda o: _move(o, "train", "train", 3), r"part 'train', position \d+: index \d+ is listed twice \(also at position 3\)"),
+    "query leaked into train": (lambda o: [_move(o, "query", "train", k) for k in range(5)], r"part 'train', position \d+: index \d+ \('syn\d+[^']*'\) is also in part 'query'"),
+    "query in database": (lambda o: _move(o, "query", "database"), r"part 'database', position \d+: index \d+ .*is also in part 'query'"),
+    "val in train": (lambda o: _move(o, "val", "train"), r"part 'train', position \d+: index \d+ .*is also in part 'val'"),
+    "float index 3.0": (lambda o: _set(o, "train", 2, 3.0), r"part 'train', position 2: 3\.0 is not an integer index"),
+    "float index 3.5": (lambda o: _set(o, "val", 0, 3.5), r"part 'val', position 0: 3\.5 is not an integer index"),
+    "string index": (lambda o: _set(o, "query", 1, "7"), r"part 'query', position 1: '7' is not an integer index"),
+    "bool index": (lambda o: _set(o, "query", 1, True), r"part 'query', position 1: True is not an integer index"),
+    "out of range": (lambda o: _set(o, "database", 4, 300), r"part 'database', position 4: index 300 is outside 0\.\.299"),
+    "huge index": (lambda o: _set(o, "database", 4, 2**70), r"part 'database', position 4: index 1180591620717411303424 is outside"),
+    "negative": (lambda o: _set(o, "train", 0, -1), r"part 'train', position 0: index -1 is outside 0\.\.299"),
+    "wrong id": (lambda o: o["ids"]["train"].__setitem__(5, "nope"), r"part 'train', position 5: index \d+ is item 'syn\d+[^']*' in the dataset, but the split file names it 'nope'"),
+    "ids swapped": (lambda o: o["ids"]["query"].reverse(), r"part 'query', position 0: index \d+ is item 'syn\d+[^']*' in the dataset, but the split file names it"),
+    "index without id": (lambda o: _move(o, "query", "train", ids=False), r"part 'train' has \d+ indices but \d+ ids"),
+    "parts as a list": (lambda o: o.__setitem__("parts", list(o["parts"].values())), r"'parts' must be a mapping of part name to index list, got list"),
+    "part as a mapping": (lambda o: o["parts"].__setitem__("val", {"0": 1}), r"part 'val' must be a list of indices, got dict"),
+    "missing val": (lambda o: [o["parts"].pop("val"), o["ids"].pop("val")], r"split lacks part\(s\) val; a split needs query, database, train, val"),
+    "empty val": (lambda o: [o["parts"].__setitem__("val", []), o["ids"].__setitem__("val", [])], r"part 'val' is empty"),
+    "seed as text": (lambda o: o.__setitem__("seed", "two"), r"'seed' must be an integer, got str"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hand_edited_split_is_refused_in_one_line(syn, tmp_path, case):
+    edit, message = CASES[case]
+    with pytest.raises(DatasetError) as err:
+        _edited(syn, tmp_path, edit)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(str(tmp_path / "edited.json") + ": ")
+    assert re.search(message, msg), msg
+
+
+def test_dropped_database_item_is_refused(syn, tmp_path):
+    """The protocols made here define the database as every item not in the query: none may go missing."""
+
+    def drop(o):
+        k = next(k for k, i in enumerate(o["parts"]["database"]) if i not in o["parts"]["train"] + o["parts"]["val"])
+        o["parts"]["database"].pop(k)
+        o["ids"]["database"].pop(k)
+
+    with pytest.raises(DatasetError, match=r"part 'database' lacks index \d+, which is not in the query either"):
+        _edited(syn, tmp_path, drop, train=150)
+
+    def drop_train(o):  # train is drawn from the database: it must still be inside it
+        k = o["parts"]["database"].index(o["parts"]["train"][0])
+        o["parts"]["database"].pop(k)
+        o["ids"]["database"].pop(k)
+
+    with pytest.raises(DatasetError, match=r"part 'train', position 0: index \d+ .* is not in part 'database'"):
+        _edited(syn, tmp_path, drop_train)
+
+
+def test_caption_group_straddling_parts_is_refused(syn, tmp_path):
+    import dataclasses
+
+    grouped = dataclasses.replace(syn, groups=np.arange(len(syn)) // 3)
+
+    def split_a_group(o):  # move one caption of a training image to validation
+        i = next(i for i in o["parts"]["train"] if i % 3 == 0)
+        k = o["parts"]["train"].index(i)
+        o["parts"]["val"].append(o["parts"]["train"].pop(k))
+        o["ids"]["val"].append(o["ids"]["train"].pop(k))
+
+    with pytest.raises(DatasetError, match=r"part 'train', position \d+: index \d+ \('syn\d+[^']*'\) shares its image with index \d+, which is not in part 'train'"):
+        _edited(syn, tmp_path, split_a_group, dataset=grouped)
+
+
+def test_valid_split_still_loads_and_keeps_order(syn, tmp_path):
+    """A hand-made split that follows the rules (unsorted, an extra part) loads as written."""
+    s = _edited(syn, tmp_path, lambda o: [o["parts"]["train"].reverse(), o["ids"]["train"].reverse(),
+                                           o["parts"].__setitem__("extra", [0]), o["ids"].__setitem__("extra", [syn.ids[0]])])
+    assert s["train"][0] > s["train"][-1] and list(s.parts) == ["query", "database", "train", "val", "extra"]
+
+
+@pytest.mark.parametrize(
+    "sizes, message",
+    [
+        (dict(query=0), r"query=0 leaves the query part empty \(a count must be >= 1\)"),
+        (dict(query=0.0), r"query=0\.0 leaves the query part empty \(a fraction must be in \(0, 1\)\)"),
+        (dict(query=1.0), r"query=1\.0 leaves no item for the database and training"),
+        (dict(query=float("nan")), r"query=nan a fraction must be a finite number"),
+        (dict(train=0), r"train=0 leaves no training item"),
+        (dict(train=1.0), r"train=1\.0 is more than the database"),
+        (dict(val=0), r"val=0 leaves the validation part empty"),
+        (dict(val=1.0), r"val=1\.0 takes the whole training pool"),
+        (dict(val=None), r"val=None a size is required"),
+        (dict(query=0.001), r"query=0\.001 gives an empty query part for synthetic \(300 items\)"),
+        (dict(val=0.001), r"val=0\.001 gives an empty validation part \(the training pool has 240 items\)"),
+        (dict(protocol="class_balanced", query=1.0), r"query=1\.0 leaves no item"),
+    ],
+)
+def test_sizes_that_leave_a_part_empty_are_refused(syn, sizes, message):
+    with pytest.raises(DatasetError, match=message):
+        make_split(syn, **sizes)

@@ -46,20 +46,41 @@ class Split:
         return self.parts[part]
 
 
-def _count(size, total: int, what: str, of: str) -> int:
-    """A size (int count or float fraction of `total`) as a count; more than exists is an error naming both."""
+def size_problem(part: str, size) -> str | None:
+    """What is wrong with a requested size for `part` (query | train | val) before any data is seen; None if
+    nothing. Every part must end up non-empty, so a count of 0 and a fraction of 0 or of 1 (which leaves nothing
+    for the parts drawn after it) are refused; only `train` may be None (all of the database)."""
+    if size is None:
+        return None if part == "train" else "a size is required (a count or a fraction)"
     if isinstance(size, bool) or not isinstance(size, (int, float, np.integer, np.floating)):
-        raise DatasetError(f"{what}: size must be a count or a fraction, got {size!r}")
+        return f"must be a count or a fraction, got {type(size).__name__}"
+    fraction = isinstance(size, (float, np.floating))
+    if fraction and not np.isfinite(size):
+        return "a fraction must be a finite number in (0, 1)"
+    if size <= 0:
+        return {
+            "query": "leaves the query part empty",
+            "train": "leaves no training item",
+            "val": "leaves the validation part empty (model selection needs it)",
+        }.get(part, "leaves the part empty") + (" (a fraction must be in (0, 1))" if fraction else " (a count must be >= 1)")
+    if fraction and size >= 1:
+        return {
+            "query": "leaves no item for the database and training (a fraction must be in (0, 1))",
+            "train": "is more than the database, which excludes the query (a fraction must be in (0, 1); "
+            "none means all of the database)",
+            "val": "takes the whole training pool and leaves no training item (a fraction must be in (0, 1))",
+        }.get(part, "a fraction must be in (0, 1)")
+    return None
+
+
+def _count(size, total: int, what: str, of: str) -> int:
+    """A size already checked by `size_problem` as a count: a fraction of `total` (rounded), or a count that must
+    not exceed `total` (an error naming both numbers)."""
     if isinstance(size, (float, np.floating)):
-        if not 0.0 < size <= 1.0:
-            raise DatasetError(f"{what}: a fraction must be in (0, 1], got {size}")
         return int(round(float(size) * total))
-    size = int(size)
-    if size < 0:
-        raise DatasetError(f"{what}: a count must be >= 0, got {size}")
     if size > total:
         raise DatasetError(f"{what}={size} asked but {of} has only {total}")
-    return size
+    return int(size)
 
 
 def _carve_val(pool: np.ndarray, val, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -115,6 +136,10 @@ def make_split(
     """
     if protocol not in PROTOCOLS:
         raise DatasetError(f"unknown split protocol {protocol!r}; available: {', '.join(PROTOCOLS)}")
+    for part, size in (("query", query), ("train", train), ("val", val)):
+        problem = size_problem(part, size)
+        if problem:
+            raise DatasetError(f"{part}={size!r} {problem}")
     # Rows that share an image (several captions) are drawn as one unit, so a query's siblings never sit in the
     # database or in training; sizes then count groups (images).
     unit_of_row, unit_labels = _units(dataset)
@@ -143,7 +168,15 @@ def make_split(
         if n_train > len(database):
             raise DatasetError(f"train={n_train} asked but the database (all but the {n_query} queries) has {len(database)}")
         pool = order[n_query : n_query + n_train]
+    if not len(q_idx):  # a fraction too small for this dataset
+        raise DatasetError(f"query={query!r} gives an empty query part for {what}")
+    if not len(database):  # class_balanced: every item was drawn into the query
+        raise DatasetError(f"query={query!r} leaves no item for the database of {what}")
+    if not len(pool):
+        raise DatasetError(f"train={train!r} gives an empty training pool for {what}")
     train_idx, val_idx = _carve_val(np.asarray(pool, dtype=np.int64), val, rng)
+    if not len(val_idx):
+        raise DatasetError(f"val={val!r} gives an empty validation part (the training pool has {len(pool)} items)")
     parts = {
         name: np.flatnonzero(np.isin(unit_of_row, units)).astype(np.int64)
         for name, units in (("query", q_idx), ("database", database), ("train", train_idx), ("val", val_idx))
@@ -186,12 +219,18 @@ def save_split(split: Split, path) -> Path:
 
 
 def load_split(path, dataset: CrossModalDataset | None = None) -> Split:
-    """Read a split file; with `dataset`, refuse one made for different data (names both fingerprints)."""
+    """Read a split file and check it (see `check_split`); with `dataset`, also against that dataset.
+
+    Every problem is a one-line DatasetError naming the file, the part and the first offending index: a split that
+    leaks query items into training, repeats an item or points at other items would otherwise score silently wrong.
+    """
     path = Path(path)
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DatasetError(f"{path}: split file not found") from None
+    except IsADirectoryError:
+        raise DatasetError(f"{path}: is a folder, not a split file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DatasetError(f"{path}: not a split file (invalid JSON: {exc})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
@@ -199,32 +238,159 @@ def load_split(path, dataset: CrossModalDataset | None = None) -> Split:
     missing = [k for k in ("protocol", "seed", "dataset", "fingerprint", "parts", "ids", "n_items") if k not in obj]
     if missing:
         raise DatasetError(f"{path}: split file lacks {', '.join(missing)}")
-    n = int(obj["n_items"])
+    obj.setdefault("requested", None)
+    for key, types, what in (
+        ("parts", dict, "a mapping of part name to index list"),
+        ("ids", dict, "a mapping of part name to id list"),
+        ("n_items", int, "an integer"),
+        ("seed", int, "an integer"),
+        ("protocol", str, "a string"),
+        ("dataset", str, "a string"),
+        ("fingerprint", str, "a string"),
+        ("requested", (dict, type(None)), "a mapping of part name to the size asked for"),
+    ):
+        if not isinstance(obj[key], types) or isinstance(obj[key], bool):
+            raise DatasetError(f"{path}: {key!r} must be {what}, got {type(obj[key]).__name__}")
+    n = obj["n_items"]
     parts = {}
     order = [p for p in PART_NAMES if p in obj["parts"]] + sorted(set(obj["parts"]) - set(PART_NAMES))
     for name in order:
-        idx = obj["parts"][name]
-        arr = np.asarray(idx, dtype=np.int64)
-        if arr.size and (arr.min() < 0 or arr.max() >= n):
-            raise DatasetError(f"{path}: part {name!r} has indices outside 0..{n - 1}")
-        if len(obj["ids"].get(name, [])) != len(arr):
-            raise DatasetError(f"{path}: part {name!r} has {len(arr)} indices but {len(obj['ids'].get(name, []))} ids")
-        parts[name] = arr
+        parts[name] = _indices(path, name, obj["parts"][name], n)
+        ids = obj["ids"].get(name)
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise DatasetError(f"{path}: ids of part {name!r} must be a list of strings (the items' ids)")
+        if len(ids) != len(parts[name]):
+            raise DatasetError(f"{path}: part {name!r} has {len(parts[name])} indices but {len(ids)} ids")
+    stray = sorted(set(obj["ids"]) - set(parts))
+    if stray:
+        raise DatasetError(f"{path}: ids has an entry for {stray[0]!r}, which is not a part")
     split = Split(
         protocol=obj["protocol"],
-        seed=int(obj["seed"]),
+        seed=obj["seed"],
         dataset_name=obj["dataset"],
         fingerprint=obj["fingerprint"],
         parts=parts,
-        ids={k: list(v) for k, v in obj["ids"].items()},
+        ids={k: list(obj["ids"][k]) for k in parts},
         n_items=n,
-        requested=dict(obj.get("requested", {})),
+        requested=dict(obj.get("requested") or {}),
     )
-    if dataset is not None:
-        fp = dataset.fingerprint()
-        if fp != split.fingerprint:
-            raise DatasetError(
-                f"{path}: split was made for dataset {split.dataset_name!r} with fingerprint {split.fingerprint}, "
-                f"but the given dataset {dataset.name!r} has fingerprint {fp}; make a new split for it"
-            )
+    check_split(split, dataset, where=str(path))
     return split
+
+
+def _indices(path, name: str, idx, n: int) -> np.ndarray:
+    """A part's index list as int64, refusing anything but distinct integers in 0..n-1 (a float is never
+    truncated: 3.5 or "3" in a hand-edited file is a mistake to report, not a row to guess)."""
+    if not isinstance(idx, list):
+        raise DatasetError(f"{path}: part {name!r} must be a list of indices, got {type(idx).__name__}")
+    if set(map(type, idx)) - {int}:  # bool is not int here: type(True) is bool
+        k = next(k for k, x in enumerate(idx) if type(x) is not int)
+        raise DatasetError(f"{path}: part {name!r}, position {k}: {idx[k]!r} is not an integer index")
+    try:
+        arr = np.asarray(idx, dtype=np.int64).reshape(-1)
+        out = np.flatnonzero((arr < 0) | (arr >= n))
+    except OverflowError:  # beyond int64: certainly out of range
+        out = [next(k for k, x in enumerate(idx) if not 0 <= x < n)]
+    if len(out):
+        k = int(out[0])
+        raise DatasetError(f"{path}: part {name!r}, position {k}: index {idx[k]} is outside 0..{n - 1}")
+    _, first = np.unique(arr, return_index=True)
+    if len(first) < len(arr):
+        seen = np.zeros(len(arr), dtype=bool)
+        seen[first] = True
+        k = int(np.flatnonzero(~seen)[0])
+        before = int(np.flatnonzero(arr[:k] == arr[k])[0])
+        raise DatasetError(f"{path}: part {name!r}, position {k}: index {arr[k]} is listed twice (also at position {before})")
+    return arr
+
+
+# (part a, part b, why): b may hold no item of a
+DISJOINT = (
+    ("query", "database", "the database is what a query retrieves from, and must not contain the query items"),
+    ("query", "train", "query items are for the final report only and must never be trained on"),
+    ("query", "val", "model selection must not see query items"),
+    ("val", "train", "validation items must be held out of training"),
+)
+# (part, container): every item of part is in container
+CONTAINED = (("train", "database"), ("val", "database"))
+
+
+def check_split(split: Split, dataset: CrossModalDataset | None = None, where: str = "split") -> None:
+    """Refuse a split whose parts break the protocol (data.md), and with `dataset`, one made for other data.
+
+    Parts: query, database, train and val present; query disjoint from database, train and val; train and val
+    disjoint and inside the database; for the protocols made here (random, dcmh, dcmht, class_balanced) the
+    database is every item not in the query. With a dataset: same fingerprint and size, ids match the items at
+    those indices, and caption groups (several captions of one image) never straddle parts.
+    """
+    n = split.n_items
+    absent = [p for p in PART_NAMES if p not in split.parts]
+    if absent:
+        raise DatasetError(f"{where}: split lacks part(s) {', '.join(absent)}; a split needs {', '.join(PART_NAMES)}")
+    for name in PART_NAMES:
+        if not len(split.parts[name]):
+            raise DatasetError(f"{where}: part {name!r} is empty")
+    masks = {name: _mask(idx, n) for name, idx in split.parts.items()}
+
+    def refuse(name: str, hit: np.ndarray, what: str):
+        k = int(np.flatnonzero(hit)[0])
+        v = int(split.parts[name][k])
+        item = f" ({split.ids[name][k]!r})" if name in split.ids and k < len(split.ids[name]) else ""
+        raise DatasetError(f"{where}: part {name!r}, position {k}: index {v}{item} {what}")
+
+    for a, b, why in DISJOINT:
+        hit = masks[a][split.parts[b]]
+        if hit.any():
+            refuse(b, hit, f"is also in part {a!r}; {why}")
+    for part, container in CONTAINED:
+        hit = ~masks[container][split.parts[part]]
+        if hit.any():
+            refuse(part, hit, f"is not in part {container!r}; {part} is drawn from the database")
+    if split.protocol in PROTOCOLS:
+        left = np.flatnonzero(~(masks["query"] | masks["database"]))
+        if len(left):
+            raise DatasetError(
+                f"{where}: part 'database' lacks index {int(left[0])}, which is not in the query either; under "
+                f"protocol {split.protocol!r} the database is every item not in the query"
+            )
+    if dataset is None:
+        return
+    fp = dataset.fingerprint()
+    if fp != split.fingerprint:
+        raise DatasetError(
+            f"{where}: split was made for dataset {split.dataset_name!r} with fingerprint {split.fingerprint}, "
+            f"but the given dataset {dataset.name!r} has fingerprint {fp}; make a new split for it"
+        )
+    if n != len(dataset):
+        raise DatasetError(f"{where}: split is for {n} items but dataset {dataset.name!r} has {len(dataset)}")
+    ds_ids = np.asarray(dataset.ids, dtype=object)
+    for name, idx in split.parts.items():
+        wrong = ds_ids[idx] != np.asarray(split.ids[name], dtype=object)
+        if wrong.any():
+            k = int(np.flatnonzero(wrong)[0])
+            raise DatasetError(
+                f"{where}: part {name!r}, position {k}: index {int(idx[k])} is item {ds_ids[idx[k]]!r} in the "
+                f"dataset, but the split file names it {split.ids[name][k]!r}"
+            )
+    if dataset.groups is not None:
+        _, group = np.unique(np.asarray(dataset.groups), return_inverse=True)
+        group = group.reshape(-1)
+        size = np.bincount(group)
+        for name, idx in split.parts.items():
+            inside = np.bincount(group[idx], minlength=len(size))
+            straddles = (inside > 0) & (inside < size)
+            hit = straddles[group[idx]]
+            if hit.any():
+                k = int(np.flatnonzero(hit)[0])
+                v = int(idx[k])
+                sibling = int(np.flatnonzero((group == group[v]) & ~masks[name])[0])
+                raise DatasetError(
+                    f"{where}: part {name!r}, position {k}: index {v} ({split.ids[name][k]!r}) shares its image with "
+                    f"index {sibling}, which is not in part {name!r}; the captions of one image stay in one part"
+                )
+
+
+def _mask(idx: np.ndarray, n: int) -> np.ndarray:
+    m = np.zeros(n, dtype=bool)
+    m[idx] = True
+    return m
