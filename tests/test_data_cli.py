@@ -59,3 +59,62 @@ def test_info_unknown_folder(tmp_path):
 
     with pytest.raises(DatasetError, match="no dataset layout recognised"):
         run(["data", "info", str(tmp_path)])
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--query", "0", r"--query 0 leaves the query part empty \(a count must be >= 1\)"),
+        ("--query", "0.0", r"--query 0\.0 leaves the query part empty"),
+        ("--query", "1.0", r"--query 1\.0 leaves no item for the database and training"),
+        ("--train", "0", r"--train 0 leaves no training item"),
+        ("--val", "0", r"--val 0 leaves the validation part empty"),
+        ("--val", "1.0", r"--val 1\.0 takes the whole training pool"),
+        ("--val", "none", r"--val none a size is required"),
+    ],
+)
+def test_split_sizes_that_leave_a_part_empty_are_refused_before_loading(tmp_path, option, value, message):
+    """Checked before the dataset is read (the root does not even exist) and before anything is written."""
+    from dcmfg.data import DatasetError
+
+    out = tmp_path / "s.json"
+    with pytest.raises(DatasetError, match=message):
+        run(["data", "split", "mirflickr25k", "--root", str(tmp_path / "missing"), option, value, "--out", str(out)])
+    assert not out.exists()
+
+
+def test_split_fraction_too_small_for_the_data_names_the_option(tmp_path, mirflickr_root):
+    from dcmfg.data import DatasetError
+
+    out = tmp_path / "s.json"
+    with pytest.raises(DatasetError, match=r"val=0\.0005 gives an empty validation part \(the training pool has 584 items\)"):
+        run(["data", "split", "mirflickr25k", "--root", str(mirflickr_root), "--val", "0.0005", "--out", str(out)])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["data", "info", "{missing}"],
+        ["data", "info", "{missing}", "--dataset", "mirflickr25k"],
+        ["data", "info", "{missing}", "--dataset", "nuswide"],
+        ["data", "info", "{missing}", "--dataset", "mscoco"],
+        ["data", "info", "{missing}", "--dataset", "manifest"],
+        ["data", "split", "mirflickr25k", "--root", "{missing}", "--out", "{out}"],
+    ],
+)
+def test_missing_dataset_folder_is_named_as_not_found(tmp_path, argv):
+    from dcmfg.data import DatasetError
+
+    missing = tmp_path / "no-such-folder"
+    argv = [a.format(missing=missing, out=tmp_path / "s.json") for a in argv]
+    with pytest.raises(DatasetError, match=rf"^{missing}: folder not found"):
+        run(argv)
+
+
+def test_missing_dcmfg_data_folder_is_named(monkeypatch, tmp_path):
+    from dcmfg.data import DatasetError, load_dataset
+
+    monkeypatch.setenv("DCMFG_DATA", str(tmp_path / "gone"))
+    with pytest.raises(DatasetError, match=rf"mirflickr25k: no root given and DCMFG_DATA={tmp_path / 'gone'}: folder not found"):
+        load_dataset("mirflickr25k")

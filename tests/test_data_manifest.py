@@ -170,7 +170,7 @@ def test_finding_the_manifest(tmp_path, jsonl_root):
     assert find_manifest(jsonl_root / "manifest.csv").name == "manifest.csv"
     with pytest.raises(LayoutError, match="must end in .jsonl or .csv"):
         load_dataset("manifest", jsonl_root / "img" / "a.jpg")
-    with pytest.raises(LayoutError, match="no such file or folder"):
+    with pytest.raises(LayoutError, match=r"missing: folder not found"):
         load_dataset("manifest", tmp_path / "missing")
     _jsonl(tmp_path / "none", [])
     with pytest.raises(DatasetError, match="lists no items"):

@@ -44,8 +44,10 @@ def _size(text: str):
 def _pick_dataset(root: Path, name: str | None) -> str:
     if name is not None:
         return name
-    from .discover import detect, find_datasets
+    from .discover import check_folder, detect, find_datasets
 
+    if not root.is_file():  # a manifest may be given as its file
+        check_folder(root)
     found = sorted({n for n, _ in detect(root)}) or sorted({n for n, _ in find_datasets(root)})
     if not found:
         raise DatasetError(f"{root}: no dataset layout recognised (see `dcmfg data info --help`); pass --dataset NAME")
@@ -88,8 +90,13 @@ def cmd_info(args) -> int:
 
 def cmd_split(args) -> int:
     from . import load_dataset
-    from .splits import make_split, save_split
+    from .splits import make_split, save_split, size_problem
 
+    for part in ("query", "train", "val"):  # before loading anything: a size that leaves a part empty is a typo
+        value = getattr(args, part)
+        problem = size_problem(part, value)
+        if problem:
+            raise DatasetError(f"--{part} {'none' if value is None else value} {problem}")
     root = Path(args.root) if args.root else None
     ds = load_dataset(args.name, root, **_options(args.option))
     split = make_split(ds, protocol=args.protocol, query=args.query, train=args.train, val=args.val, seed=args.seed)

@@ -61,6 +61,8 @@ def default_root(name: str) -> Path:
     folder = data_dir()
     if folder is None:
         raise LayoutError(f"{name}: no root given and DCMFG_DATA is not set: pass the dataset folder")
+    if not Path(folder).is_dir():
+        raise LayoutError(f"{name}: no root given and DCMFG_DATA={folder}: folder not found")
     for found, root in find_datasets(folder):
         if found == name:
             return root
@@ -70,9 +72,16 @@ def default_root(name: str) -> Path:
 def dataset_folder(name: str, root) -> Path:
     """A loader's root folder: the one given, or the dataset's folder under DCMFG_DATA when root is None."""
     root = default_root(name) if root is None else Path(root)
+    check_folder(root)
+    return root
+
+
+def check_folder(root: Path) -> None:
+    """A missing folder is a typo in a path, not a folder without a known layout: say which."""
+    if not root.exists():
+        raise LayoutError(f"{root}: folder not found")
     if not root.is_dir():
         raise LayoutError(f"{root}: not a folder")
-    return root
 
 
 PREFERENCE = ["mirflickr25k", "nuswide", "mscoco", "manifest"]

@@ -54,8 +54,10 @@ def find_manifest(root) -> Path:
         if root.suffix.lower() not in (".jsonl", ".csv"):
             raise LayoutError(f"{root}: a manifest must end in .jsonl or .csv")
         return root
+    if not root.exists():
+        raise LayoutError(f"{root}: folder not found (a folder or a .jsonl / .csv manifest file was expected)")
     if not root.is_dir():
-        raise LayoutError(f"{root}: no such file or folder")
+        raise LayoutError(f"{root}: neither a folder nor a .jsonl / .csv manifest file")
     present = [root / n for n in MANIFEST_NAMES if (root / n).is_file()]
     if not present:
         raise LayoutError(f"{root}: holds neither manifest.jsonl nor manifest.csv")
