@@ -95,7 +95,10 @@ def test_csv_manifest(tmp_path):
     assert ds.label_names == ["cat", "indoor", "dog"]
     assert ds.texts == ["a cat, on a sofa", "a dog and a cat"]
     np.testing.assert_array_equal(ds.labels, [[1, 1, 0], [1, 0, 1]])
-    with_id = _csv(tmp_path / "csv2", "id,image,labels,text\nx1,../csv/img/b.jpg,dog,a dog\n")
+    with_id = _csv(root / "sub", "id,image,labels,text\nx1,../img/b.jpg,dog,a dog\n")  # inside root/sub: no
+    with pytest.raises(DatasetError, match=r"manifest.csv:2: image '../img/b.jpg' resolves to .*, outside the manifest's folder"):
+        load_dataset("manifest", with_id)
+    with_id = _csv(root, "id,image,labels,text\nx1,img/sub/../b.jpg,dog,a dog\n", name="other.csv")  # inside: yes
     ds2 = load_dataset("manifest", with_id)
     assert ds2.ids == ["x1"] and ds2.image_paths[0].resolve() == (root / "img/b.jpg").resolve()
 
@@ -121,8 +124,9 @@ def test_jsonl_bad_items_name_file_and_line(tmp_path, line, message):
     root = tmp_path / "bad"
     _images(root)
     _jsonl(root, [ITEMS[0], line])
-    with pytest.raises(DatasetError, match=message):
+    with pytest.raises(DatasetError, match=message) as err:
         load_dataset("manifest", root)
+    assert str(err.value).startswith(str(root / "manifest.jsonl") + ":2: ") and "\n" not in str(err.value)  # one line
 
 
 def test_jsonl_malformed_line_and_all_problems_listed(tmp_path):
@@ -193,3 +197,32 @@ def test_detected_and_summarised_by_data_info(jsonl_root, capsys):
     assert [n for n, _ in detect(jsonl_root)] == ["manifest"]
     assert main(["data", "info", str(jsonl_root)]) == 0
     assert "manifest-jsonl" in capsys.readouterr().out
+
+
+def test_image_paths_must_stay_inside_the_manifest_folder(tmp_path):
+    """.. and symlinks are resolved before the check; absolute paths are refused as before."""
+    root = tmp_path / "byod"
+    _images(root)
+    _images(tmp_path, names=("outside.jpg",))
+    (root / "img" / "link-out.jpg").symlink_to(tmp_path / "outside.jpg")
+    (root / "img" / "link-in.jpg").symlink_to(root / "img" / "a.jpg")
+    (root / "elsewhere").symlink_to(tmp_path, target_is_directory=True)
+    lines = [
+        {"image": "../outside.jpg", "text": "t", "labels": ["x"]},
+        {"image": "img/../../outside.jpg", "text": "t", "labels": ["x"]},
+        {"image": "img/link-out.jpg", "text": "t", "labels": ["x"]},
+        {"image": "elsewhere/outside.jpg", "text": "t", "labels": ["x"]},
+        {"image": "../missing.jpg", "text": "t", "labels": ["x"]},
+    ]
+    _jsonl(root, [ITEMS[1]] + lines)
+    with pytest.raises(DatasetError) as err:
+        load_dataset("manifest", root)
+    msg = str(err.value)
+    assert "5 problem(s)" in msg
+    outside = tmp_path.resolve()
+    for lineno, line in enumerate(lines, 2):
+        assert f"manifest.jsonl:{lineno}: image {line['image']!r} resolves to {outside}/" in msg
+        assert f"outside the manifest's folder {root.resolve()} (.. and symlinks must stay inside it)" in msg
+    # a symlink that stays inside is an ordinary item
+    _jsonl(root, [ITEMS[1], {"image": "img/link-in.jpg", "text": "t", "labels": ["x"]}])
+    assert len(load_dataset("manifest", root)) == 2

@@ -6,10 +6,11 @@
     image,text,labels                                                                          (CSV, header first)
     photos/cat.jpg,a cat on a sofa,cat|indoor
 
-Columns: `image` (path relative to the manifest's folder), `text` (JSONL: a string or a list of captions; CSV: one
-string), `labels` (JSONL: a list of names; CSV: names separated by `|`), and optionally `id` (a unique item name;
-default the image path). Several captions follow the `captions` switch ("first" | "join" | "all") and, for "all",
-carry `groups` exactly as MS-COCO does (see dcmfg.data.mscoco for the retrieval rules).
+Columns: `image` (path relative to the manifest's folder, and inside it once `..` and symlinks are resolved),
+`text` (JSONL: a string or a list of captions; CSV: one string), `labels` (JSONL: a list of names; CSV: names
+separated by `|`), and optionally `id` (a unique item name; default the image path). Several captions follow the
+`captions` switch ("first" | "join" | "all") and, for "all", carry `groups` exactly as MS-COCO does (see
+dcmfg.data.mscoco for the retrieval rules).
 
 Label order: first appearance in the manifest, unless a `label_names.txt` beside it (one name a line) fixes it.
 
@@ -153,6 +154,7 @@ def load_manifest(root, captions: str = "first") -> CrossModalDataset:
         raise DatasetError(f"captions={captions!r} is not one of {', '.join(CAPTION_MODES)}")
     path = find_manifest(root)
     folder = path.parent
+    inside = folder.resolve()
     names_file = folder / "label_names.txt"
     fixed = _read_label_names(names_file) if names_file.is_file() else None
     label_index = {n: i for i, n in enumerate(fixed)} if fixed else {}
@@ -187,10 +189,17 @@ def load_manifest(root, captions: str = "first") -> CrossModalDataset:
                 problems.append(f"{where}: image {image!r} must be relative to the manifest's folder {folder}")
                 continue
             image_path = folder / image
+            key = image_path.resolve()
+            if not key.is_relative_to(inside):  # a dataset is its folder: what leaves it is neither copied nor cached
+                problems.append(
+                    f"{where}: image {image!r} resolves to {key}, outside the manifest's folder {inside} "
+                    f"(.. and symlinks must stay inside it)"
+                )
+                continue
             if not image_path.is_file():
                 problems.append(f"{where}: image file {image_path} not found")
                 continue
-            key = str(image_path.resolve())
+            key = str(key)
             if key in seen_image:
                 problems.append(
                     f"{where}: image {image!r} already listed at line {seen_image[key]} "
@@ -238,6 +247,8 @@ def load_manifest(root, captions: str = "first") -> CrossModalDataset:
     except csv.Error as exc:
         raise DatasetError(f"{path}: malformed CSV ({exc})") from None
 
+    if len(problems) == 1:  # one problem, one line: it names the file and line already
+        raise DatasetError(problems[0])
     if problems:
         shown = problems[:_MAX_SHOWN]
         more = f"\n... and {len(problems) - _MAX_SHOWN} more" if len(problems) > _MAX_SHOWN else ""
