@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def _counts(encoders) -> tuple[int, int]:
 
 
 def _extract(ds, encoders, root, **kw):
-    settings = {"batch_size": 2, **{k: kw.pop(k) for k in ("on_corrupt", "batch_size") if k in kw}}
+    settings = {"batch_size": 2, **{k: kw.pop(k) for k in ("on_corrupt", "batch_size", "workers", "amp") if k in kw}}
     kw = {"chunk_size": 2, "progress": False, **kw}
     return extract_features(ds, FeatureConfig(**settings), image_encoder=encoders[0], text_encoder=encoders[1],
                             cache_root=root, **kw)
@@ -202,6 +203,80 @@ def test_corrupt_jpeg_skipped_and_counted_or_fatal(reference, encoders, tmp_path
     assert torch.equal(fixed.image_global, ref.image_global)
 
 
+def test_replaced_image_file_reextracts_its_chunk(reference, encoders, tmp_path, mirflickr_root):
+    """Issue 12: im4.jpg replaced by another photo after a first extraction must not come from the cache."""
+    ds = _tiny(mirflickr_root, tmp_path / "data")
+    _extract(ds, encoders, tmp_path / "cache")
+    target = ds.image_paths[3]  # im4.jpg, in the second image chunk (rows 2, 3)
+    shutil.copy(mirflickr_root / "mirflickr" / "im7.jpg", target)
+    before = _counts(encoders)
+    fs = _extract(ds, encoders, tmp_path / "cache")
+    assert not fs.meta["from_cache"] and fs.meta["changed_files"] == [str(target)]
+    assert _counts(encoders) == (before[0] + 2, before[1])  # only that image chunk
+    new = encoders[0].encode([ds.image(3)]).globals[0]
+    assert torch.allclose(fs.image_global[3].float(), new, atol=2e-2, rtol=1e-2)
+    assert not torch.allclose(fs.image_global[3], reference[1].image_global[3], atol=1e-1)
+    keep = [0, 1, 2, 4]
+    assert torch.equal(fs.image_global[keep], reference[1].image_global[keep])
+    assert torch.equal(fs.text_global, reference[1].text_global)
+    again = _extract(ds, encoders, tmp_path / "cache")
+    assert again.meta["from_cache"] and again.meta["changed_files"] == []
+
+
+def test_touched_file_costs_a_hash_not_an_extraction(reference, encoders, tmp_path, mirflickr_root):
+    ds = _tiny(mirflickr_root, tmp_path / "data")
+    fs = _extract(ds, encoders, tmp_path / "cache")
+    target = ds.image_paths[1]
+    st = target.stat()
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))  # `touch`: same bytes, new mtime
+    before = _counts(encoders)
+    again = _extract(ds, encoders, tmp_path / "cache")
+    assert again.meta["from_cache"] and _counts(encoders) == before
+    _same(again, reference[1])
+    record = json.loads((Path(fs.meta["cache_dir"]) / "image-00000.files.json").read_text())
+    assert record["stamps"][1]["mtime_ns"] == target.stat().st_mtime_ns  # next time a stat suffices again
+
+
+def test_truncated_or_removed_file_is_found_on_disk_now(reference, encoders, tmp_path, mirflickr_root):
+    """A file that was fine at extraction and is truncated (or removed) later: under on_corrupt="fail" the error
+    names it; under "skip" the item becomes invalid. The old cache said 0 unreadable."""
+    ds = _tiny(mirflickr_root, tmp_path / "data")
+    _extract(ds, encoders, tmp_path / "cache")
+    target = ds.image_paths[3]
+    data = target.read_bytes()
+    target.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ImageReadError, match="im4.jpg"):
+        _extract(ds, encoders, tmp_path / "cache", on_corrupt="fail")
+    fs = _extract(ds, encoders, tmp_path / "cache", on_corrupt="skip")
+    assert fs.valid.tolist() == [True, True, True, False, True] and fs.meta["corrupt"] == [str(target)]
+    with pytest.raises(ImageReadError, match="im4.jpg"):  # cached as unreadable: still fatal under "fail"
+        _extract(ds, encoders, tmp_path / "cache", on_corrupt="fail")
+    target.unlink()
+    with pytest.raises(ImageReadError, match="im4.jpg.*not found"):
+        _extract(ds, encoders, tmp_path / "cache", on_corrupt="fail")
+    gone = _extract(ds, encoders, tmp_path / "cache")
+    assert gone.valid.tolist() == [True, True, True, False, True] and not gone.meta["from_cache"]
+    assert _extract(ds, encoders, tmp_path / "cache").meta["from_cache"]  # still missing: nothing to redo
+    target.write_bytes(data)  # back: its chunk is extracted again and equals the original
+    back = _extract(ds, encoders, tmp_path / "cache")
+    assert back.valid.all() and torch.equal(back.image_global, reference[1].image_global)
+
+
+def test_worker_processes_give_the_same_bytes(reference, encoders, tmp_path):
+    """DataLoader workers (the default, 2) and in-process reading (workers=0) write identical features."""
+    ds, ref = reference
+    fs = _extract(ds, encoders, tmp_path / "cache", workers=0)
+    _same(fs, ref)
+    assert fs.key == ref.key  # the number of workers changes no number, so it is not part of the key
+
+
+def test_amp_is_off_on_the_cpu(reference, encoders, tmp_path):
+    ds, ref = reference
+    fs = _extract(ds, encoders, tmp_path / "cache", amp=True)
+    assert fs.meta["precision"] == "float32" and fs.key == ref.key
+    _same(fs, ref)
+
+
 def test_caption_groups_encode_each_image_once(reference, encoders, tmp_path, mirflickr_root):
     base = _tiny(mirflickr_root, tmp_path / "data")
     # 7 captions of 3 images: rows 0,1 -> image 1; rows 2,3,4 -> image 2; rows 5,6 -> image 3
@@ -230,9 +305,7 @@ def test_bad_options_are_refused(reference, encoders, tmp_path):
 
 def test_cli_extract_on_a_manifest(mirflickr_root, tmp_path, capsys):
     """`dcmfg features extract` end to end on a bring-your-own JSONL manifest of real images."""
-    import argparse
-
-    from dcmfg import features
+    from dcmfg.cli import main
 
     (tmp_path / "img").mkdir()
     lines = []
@@ -241,11 +314,8 @@ def test_cli_extract_on_a_manifest(mirflickr_root, tmp_path, capsys):
         tags = (mirflickr_root / "mirflickr" / "meta" / "tags" / f"tags{i}.txt").read_text().split()
         lines.append(json.dumps({"image": f"img/im{i}.jpg", "text": " ".join(tags), "labels": ["a"]}))
     (tmp_path / "items.jsonl").write_text("\n".join(lines) + "\n")
-    parser = argparse.ArgumentParser()
-    features.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["features", "extract", "--dataset", "manifest", "--root", str(tmp_path / "items.jsonl"),
-                              "--cache-root", str(tmp_path / "cache"), "--set", "features.batch_size=2"])
-    assert args.func(args) == 0
+    assert main(["features", "extract", "--dataset", "manifest", "--root", str(tmp_path / "items.jsonl"),
+                 "--cache-root", str(tmp_path / "cache"), "--set", "features.batch_size=2", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "3 items, 3 images, 0 unreadable" in out and str(tmp_path / "cache") in out
 

@@ -74,25 +74,30 @@ class Dinov2ImgFocusEncoder:
             self._model = model.eval().to(self.device)
         return self._model
 
+    def preprocess_one(self, image) -> torch.Tensor:
+        """One PIL image -> (3, H, W) normalised pixels (what DataLoader workers run)."""
+        return self.transform(image.convert("RGB"))
+
     def preprocess(self, images: Sequence) -> torch.Tensor:
-        return torch.stack([self.transform(im.convert("RGB")) for im in images])
+        return torch.stack([self.preprocess_one(im) for im in images])
 
     @torch.inference_mode()
     def forward_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised pixels -> (B, 1 + h*w, D) tokens after the final norm."""
-        return self.model.forward_features(pixels.to(self.device)).float()
+        return self.model.forward_features(pixels.to(self.device, non_blocking=True)).float()
 
     def encode(self, images: Sequence) -> EncoderOutput:
-        with torch.inference_mode():
-            out = self._encode(images)
-        return plain(out)
+        return self.encode_pixels(self.preprocess(images))
 
-    def _encode(self, images: Sequence) -> EncoderOutput:
-        tokens = self.forward_pixels(self.preprocess(images))
-        self.n_encoded += len(images)
-        regions = pool_grid(tokens[:, 1:], self.grid, self.regions)
-        mask = torch.ones(regions.shape[:2], dtype=torch.bool)
-        return EncoderOutput(tokens[:, 0].cpu(), regions.cpu(), mask)
+    def encode_pixels(self, pixels: torch.Tensor) -> EncoderOutput:
+        """Preprocessed pixels (B, 3, H, W) -> globals and pooled regions on the CPU."""
+        with torch.inference_mode():
+            tokens = self.forward_pixels(pixels)
+            self.n_encoded += len(pixels)
+            regions = pool_grid(tokens[:, 1:], self.grid, self.regions)
+            mask = torch.ones(regions.shape[:2], dtype=torch.bool)
+            out = EncoderOutput(tokens[:, 0].cpu(), regions.cpu(), mask)
+        return plain(out)
 
 
 class HFImageEncoder:
@@ -130,19 +135,25 @@ class HFImageEncoder:
     def model(self) -> torch.nn.Module:
         return self._model
 
-    def encode(self, images: Sequence) -> EncoderOutput:
-        with torch.inference_mode():
-            out = self._encode(images)
-        return plain(out)
+    def preprocess_one(self, image) -> torch.Tensor:
+        """One PIL image -> (3, H, W) pixels by the repo's processor (it treats every image on its own)."""
+        return self.processor(images=[image.convert("RGB")], return_tensors="pt")["pixel_values"][0]
 
-    def _encode(self, images: Sequence) -> EncoderOutput:
-        pix = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
-        hidden = self._model(pixel_values=pix.to(self.device)).last_hidden_state.float()
-        self.n_encoded += len(images)
-        h, w = pix.shape[-2] // self.patch, pix.shape[-1] // self.patch
-        patches = hidden[:, hidden.shape[1] - h * w:]  # prefix tokens ([CLS], registers) come first
-        regions = pool_grid(patches, (h, w), self.regions)
-        return EncoderOutput(hidden[:, 0].cpu(), regions.cpu(), torch.ones(regions.shape[:2], dtype=torch.bool))
+    def preprocess(self, images: Sequence) -> torch.Tensor:
+        return torch.stack([self.preprocess_one(im) for im in images])
+
+    def encode(self, images: Sequence) -> EncoderOutput:
+        return self.encode_pixels(self.preprocess(images))
+
+    def encode_pixels(self, pixels: torch.Tensor) -> EncoderOutput:
+        with torch.inference_mode():
+            hidden = self._model(pixel_values=pixels.to(self.device, non_blocking=True)).last_hidden_state.float()
+            self.n_encoded += len(pixels)
+            h, w = pixels.shape[-2] // self.patch, pixels.shape[-1] // self.patch
+            patches = hidden[:, hidden.shape[1] - h * w:]  # prefix tokens ([CLS], registers) come first
+            regions = pool_grid(patches, (h, w), self.regions)
+            out = EncoderOutput(hidden[:, 0].cpu(), regions.cpu(), torch.ones(regions.shape[:2], dtype=torch.bool))
+        return plain(out)
 
 
 def _key(name: str, weights: str, preprocess: dict, regions: int, recipe: str) -> str:
