@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from dcmfg.config import Config
 from dcmfg.modality import IMAGE, TEXT
-from dcmfg.model import Projection
+from dcmfg.model import ModelOutput, Projection
 
 
 class _NoGraph(nn.Module):
@@ -28,17 +28,12 @@ class _NoGraph(nn.Module):
     def item(self, feats: dict, modality: int) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def encode(self, batch: dict) -> dict:
+    def forward(self, batch: dict, gather: Callable | None = None, return_attention: bool = False) -> ModelOutput:
         i, t = self.item(batch, IMAGE), self.item(batch, TEXT)
-        return {f"{k}_img": v for k, v in i.items()} | {f"{k}_txt": v for k, v in t.items()}
+        out = ModelOutput(**{f"{k}_img": v for k, v in i.items()}, **{f"{k}_txt": v for k, v in t.items()})
+        return out.map(gather) if gather is not None else out
 
-    def forward(self, batch: dict, gather: Callable | None = None, return_attention: bool = False) -> dict:
-        out = self.encode(batch)
-        if gather is not None:
-            out = {k: gather(v) for k, v in out.items()}
-        return out
-
-    def build_bank(self, feats: dict):
+    def build_bank(self, feats: dict, inference: str | None = None):
         return None
 
     @torch.no_grad()

@@ -1,15 +1,20 @@
 """Training objective (method.md section 5): contrastive, multi-label similarity, label head, quantisation.
 
-Every term is a plain function of tensors; `total_loss` adds those whose inputs a model produced and whose weight
-in the config is non-zero, so baselines and ablations share one objective.
+Every term is a plain function of tensors; `total_loss` adds those whose inputs a model produced (a `ModelOutput`)
+and whose weight in the config is non-zero, so baselines and ablations share one objective.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from dcmfg.config import LossConfig
+
+if TYPE_CHECKING:
+    from dcmfg.model import ModelOutput
 
 
 def label_similarity(a: torch.Tensor, b: torch.Tensor, soft: bool = False) -> torch.Tensor:
@@ -68,32 +73,31 @@ def balance_loss(h: torch.Tensor) -> torch.Tensor:
     return h.mean(0).pow(2).mean()
 
 
-def total_loss(out: dict, labels: torch.Tensor, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """The weighted sum of every term whose inputs are in `out`; returns (loss, {term: value}) for logging.
+def total_loss(out: "ModelOutput", labels: torch.Tensor, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """The weighted sum of every term whose inputs the model produced (fields of `dcmfg.model.ModelOutput`, None
+    when absent) and whose weight in the config is non-zero; returns (loss, {term: value}) for logging.
 
-    Keys a model may produce: z_img/z_txt (graph outputs), p_img/p_txt (pre-graph projections), h_img/h_txt
-    (tanh codes), logits_img/logits_txt (label head), align (A, A) region-word alignment scores of the first A pairs.
+    z_img/z_txt (graph outputs), p_img/p_txt (pre-graph projections), h_img/h_txt (tanh codes), logits_img/logits_txt
+    (label head), align (A, A) region-word alignment scores of the first A pairs.
     """
     S = label_similarity(labels, labels, soft=cfg.soft_labels)
     positives = label_similarity(labels, labels) if cfg.positives == "label" else None
     terms: dict[str, torch.Tensor] = {}
-    if cfg.contrastive and "z_img" in out:
-        terms["contrastive"] = cfg.contrastive * contrastive_loss(out["z_img"], out["z_txt"], positives, cfg.temperature)
-    if cfg.contrastive_pre and "p_img" in out:
-        terms["contrastive_pre"] = cfg.contrastive_pre * contrastive_loss(
-            out["p_img"], out["p_txt"], positives, cfg.temperature
-        )
-    if cfg.alignment and "align" in out:
-        # align is already a (B, B) image x text score matrix in [-1, 1]: InfoNCE over it directly.
-        logits = out["align"] / cfg.temperature  # (A, A): the first A pairs of the batch
+    if cfg.contrastive and out.z_img is not None:
+        terms["contrastive"] = cfg.contrastive * contrastive_loss(out.z_img, out.z_txt, positives, cfg.temperature)
+    if cfg.contrastive_pre and out.p_img is not None:
+        terms["contrastive_pre"] = cfg.contrastive_pre * contrastive_loss(out.p_img, out.p_txt, positives, cfg.temperature)
+    if cfg.alignment and out.align is not None:
+        # align is already a (A, A) image x text score matrix in [-1, 1]: InfoNCE over it directly.
+        logits = out.align / cfg.temperature  # (A, A): the first A pairs of the batch
         a = len(logits)
         eye = torch.eye(a, device=logits.device)
         pos = eye if positives is None else torch.clamp(positives[:a, :a] + eye, max=1.0)
         la = -((F.log_softmax(logits, 1) * pos).sum(1) / pos.sum(1)).mean()
         lb = -((F.log_softmax(logits.T, 1) * pos.T).sum(1) / pos.T.sum(1)).mean()
         terms["alignment"] = cfg.alignment * 0.5 * (la + lb)
-    if "h_img" in out:
-        h_i, h_t = out["h_img"], out["h_txt"]
+    if out.h_img is not None:
+        h_i, h_t = out.h_img, out.h_txt
         if cfg.similarity:
             terms["similarity"] = cfg.similarity * (
                 similarity_loss(h_i, h_t, S, cfg.similarity_kind, cfg.margin)
@@ -105,10 +109,10 @@ def total_loss(out: dict, labels: torch.Tensor, cfg: LossConfig) -> tuple[torch.
             terms["quantization"] = cfg.quantization * (quantization_loss(h_i) + quantization_loss(h_t)) / 2
         if cfg.balance:
             terms["balance"] = cfg.balance * (balance_loss(h_i) + balance_loss(h_t)) / 2
-    elif cfg.similarity and "z_img" in out:
-        terms["similarity"] = cfg.similarity * similarity_loss(out["z_img"], out["z_txt"], S, "margin", cfg.margin)
-    if cfg.label and "logits_img" in out:
-        terms["label"] = cfg.label * (label_loss(out["logits_img"], labels) + label_loss(out["logits_txt"], labels)) / 2
+    elif cfg.similarity and out.z_img is not None:
+        terms["similarity"] = cfg.similarity * similarity_loss(out.z_img, out.z_txt, S, "margin", cfg.margin)
+    if cfg.label and out.logits_img is not None:
+        terms["label"] = cfg.label * (label_loss(out.logits_img, labels) + label_loss(out.logits_txt, labels)) / 2
     if not terms:
         raise ValueError("no loss term applies: every weight is zero or the model produced none of their inputs")
     total = torch.stack(list(terms.values())).sum()

@@ -8,6 +8,8 @@ rows (and over database blocks when one chunk's score matrix would be large), wi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -325,6 +327,241 @@ def kth_neighbour_similarity(
     return scores[:, k - 1]
 
 
+# The relation of the DCMFG graph, on top of `topk`: candidates per (query modality, candidate modality) block, an
+# optional hubness correction (CSLS), and the (k, k') mutual test: list membership inside a set, the equivalent
+# threshold (score >= tau of the candidate) for a query against a bank, so both follow one rule.
+
+HUBNESS = ("none", "csls")
+
+
+def candidate_topk(
+    query: torch.Tensor,
+    database: torch.Tensor,
+    k: int,
+    *,
+    query_modality: torch.Tensor | None = None,
+    database_modality: torch.Tensor | None = None,
+    cross_modal_only: bool = False,
+    exclude: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    metric: str = "cosine",
+    backend: str = "auto",
+    chunk_size: int = 2048,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best candidates of each query row: (scores (Q, k) float32, indices (Q, k) long), best first; a query
+    with fewer candidates has -inf / -1 at the end of its row.
+
+    Candidates are all database rows, or with `cross_modal_only` the rows of another modality than the query's.
+    `exclude` (Q,) or (Q, X) long: database rows a query must not get (-1: none), e.g. itself and its paired item.
+    `bias` (D,): added to every score of database row j (CSLS ranks by cos(i, j) - r_j / 2). Each block of candidates
+    is one `topk` call (FAISS for large databases with backend "auto"); a query's result never depends on the others.
+    """
+    q, d = _pair(query, database)
+    k = _check_k(k)
+    qn, dn = _prep(q, metric), _prep(d, metric)
+    if bias is not None:  # <[q, 1], [d, b]> = <q, d> + b: a per-row bias through the same inner-product search
+        qn = torch.cat([qn, torch.ones(len(qn), 1, device=qn.device)], 1)
+        dn = torch.cat([dn, bias.detach().to(dn.device, torch.float32)[:, None]], 1)
+    n_q, n_d = len(qn), len(dn)
+    if exclude is not None:
+        exclude = torch.as_tensor(exclude).to(qn.device, torch.long)
+        exclude = exclude[:, None] if exclude.ndim == 1 else exclude
+        if exclude.shape[0] != n_q:
+            raise SearchInputError(f"exclude must have shape ({n_q},) or ({n_q}, X), got {tuple(exclude.shape)}")
+    if cross_modal_only:
+        if query_modality is None or database_modality is None:
+            raise SearchInputError("cross_modal_only=True needs modality ((N,) long, 0 = image, 1 = text)")
+        qm = _modality(query_modality, n_q, "query_modality", qn.device)
+        dm = _modality(database_modality, n_d, "database_modality", qn.device)
+        blocks = [(qm == m, dm != m) for m in torch.unique(qm).tolist()]
+    else:
+        blocks = [(torch.ones(n_q, dtype=torch.bool, device=qn.device), torch.ones(n_d, dtype=torch.bool, device=qn.device))]
+    out_s = torch.full((n_q, k), float("-inf"), device=qn.device)
+    out_i = torch.full((n_q, k), -1, dtype=torch.long, device=qn.device)
+    for q_rows, d_rows in blocks:
+        q_rows, d_rows = q_rows.nonzero().flatten(), d_rows.nonzero().flatten()
+        extra = 0 if exclude is None else exclude.shape[1]
+        kk = min(k + extra, len(d_rows))
+        if kk < 1 or len(q_rows) == 0:
+            continue
+        s, i = topk(qn[q_rows], dn[d_rows], kk, metric="ip", backend=backend, chunk_size=chunk_size)
+        i = d_rows[i]
+        if extra:  # drop excluded rows, then move the dropped slots to the end of the row (stable: tie order kept)
+            s = s.masked_fill((i[:, :, None] == exclude[q_rows][:, None, :]).any(-1), float("-inf"))
+            s, order = torch.sort(s, dim=1, descending=True, stable=True)
+            i = i.gather(1, order)
+        s, i = s[:, :k], i[:, :k]
+        i = i.masked_fill(~torch.isfinite(s), -1)
+        out_s[q_rows, : s.shape[1]], out_i[q_rows, : s.shape[1]] = s, i
+    return out_s, out_i
+
+
+def _hub_scores(query, database, k, k_hub, bias_kw: dict, hubness: str, r_database: torch.Tensor | None):
+    """The k best candidates, scored in the units of the mutual test: cosine, or CSLS 2cos(x, y) - r(x) - r(y) with
+    r = mean cosine to the k_hub nearest candidates. Returns (scores (Q, k), indices, r of the queries or None)."""
+    if hubness not in HUBNESS:
+        raise SearchInputError(f"hubness must be one of {', '.join(HUBNESS)}, got {hubness!r}")
+    if hubness == "none":
+        s, i = candidate_topk(query, database, k, **bias_kw)
+        return s, i, None
+    s0, _ = candidate_topk(query, database, k_hub, **bias_kw)
+    finite = torch.isfinite(s0)
+    r_query = torch.where(finite, s0, 0.0).sum(1) / finite.sum(1).clamp(min=1)
+    r_db = r_query if r_database is None else r_database.to(r_query)
+    s, i = candidate_topk(query, database, k, bias=-r_db / 2, **bias_kw)
+    return torch.where(torch.isfinite(s), 2 * s - r_query[:, None], s), i, r_query
+
+
+@dataclass
+class Relation:
+    """A mutual-kNN relation. Edges j -> i (PyG order) with per-edge flags, and what the test used."""
+
+    edge_index: torch.Tensor  # (2, E): source row (set or bank), target row (set or query)
+    score: torch.Tensor  # (E,) score of the pair in the test's units (cosine or CSLS); self-loops: nan
+    mutual: torch.Tensor  # (E,) bool: the pair passed the mutual test (j in kNN_k(i) and i in kNN_k'(j))
+    fallback: torch.Tensor  # (E,) bool: added because the target had no relation edge
+    neighbours: torch.Tensor  # (N, k) each target's k nearest candidates, -1 padded (k-occurrence, hubness)
+    tau: torch.Tensor | None = None  # within a set: (N,) score of each row's k'-th candidate (-inf: fewer)
+    r: torch.Tensor | None = None  # CSLS: (N,) mean cosine of each target row to its k nearest candidates
+
+
+def _check_relation(relation: str, fallback: str) -> None:
+    if relation not in ("mutual", "knn"):
+        raise SearchInputError(f"relation must be 'mutual' or 'knn', got {relation!r}")
+    if fallback not in ("nearest", "none"):
+        raise SearchInputError(f"fallback must be 'nearest' or 'none', got {fallback!r}")
+
+
+def _assemble(nbr, sc, mutual, relation, fallback, n_targets, self_loops, source_offset=0, symmetric_fallback=False):
+    """Edges from forward lists (target rows x k candidates) and their mutual flags: the relation edges, the
+    fallback edge of each target left without one, self-loops; unique, sorted by (target, source)."""
+    valid = nbr >= 0
+    kept = valid & (mutual if relation == "mutual" else True)
+    tgt_all = torch.arange(n_targets, device=nbr.device)[:, None].expand_as(nbr)
+    src, tgt, flag_m, flag_f, score = nbr[kept] + source_offset, tgt_all[kept], mutual[kept], mutual[kept] & False, sc[kept]
+    if fallback == "nearest":
+        lonely = (~kept.any(1)) & valid[:, 0]
+        nodes = lonely.nonzero().flatten()
+        near = nbr[nodes, 0] + source_offset
+        add_src, add_tgt, add_sc = [near], [nodes], [sc[nodes, 0]]
+        if symmetric_fallback:  # within a set the lonely node also reaches its nearest (the edge goes both ways)
+            add_src, add_tgt, add_sc = add_src + [nodes], add_tgt + [near], add_sc + [sc[nodes, 0]]
+        m = sum(len(a) for a in add_src)
+        src, tgt = torch.cat([src, *add_src]), torch.cat([tgt, *add_tgt])
+        score = torch.cat([score, *add_sc])
+        flag_m = torch.cat([flag_m, torch.zeros(m, dtype=torch.bool, device=nbr.device)])
+        flag_f = torch.cat([flag_f, torch.ones(m, dtype=torch.bool, device=nbr.device)])
+    if self_loops:
+        ar = torch.arange(n_targets, device=nbr.device)
+        src, tgt = torch.cat([src, ar]), torch.cat([tgt, ar])
+        score = torch.cat([score, torch.full((n_targets,), float("nan"), device=nbr.device)])
+        flag_m = torch.cat([flag_m, torch.zeros(n_targets, dtype=torch.bool, device=nbr.device)])
+        flag_f = torch.cat([flag_f, torch.zeros(n_targets, dtype=torch.bool, device=nbr.device)])
+    n_src = int(max(int(src.max()) + 1 if len(src) else 0, n_targets + source_offset, 1))
+    key = tgt * n_src + src
+    # A pair may come twice (a relation edge and a fallback edge back): keep one, a relation edge before a fallback.
+    order = torch.argsort(key * 2 + flag_f.long(), stable=True)
+    key, first = key[order], torch.ones(len(order), dtype=torch.bool, device=nbr.device)
+    first[1:] = key[1:] != key[:-1]
+    pick = order[first]
+    return torch.stack([src[pick], tgt[pick]]), score[pick], flag_m[pick], flag_f[pick]
+
+
+def mutual_graph(
+    x: torch.Tensor,
+    k: int,
+    *,
+    relation: str = "mutual",
+    modality: torch.Tensor | None = None,
+    partner: torch.Tensor | None = None,
+    cross_modal_only: bool = False,
+    k_reverse: int | None = None,
+    hubness: str = "none",
+    fallback: str = "nearest",
+    self_loops: bool = True,
+    metric: str = "cosine",
+) -> Relation:
+    """The (mutual) kNN graph over the rows of x: edge j -> i iff j is among the k best candidates of i and i
+    among the k' = `k_reverse` (default k) best of j; relation "knn" keeps every j of the k best (flagged mutual or
+    not). Candidates exclude the row itself and its `partner` ((N,) long, -1 none: the paired item, which a query
+    never has in the bank), and with `cross_modal_only` keep the other modality only. k is capped per row at its
+    number of candidates. `hubness` "csls" scores pairs by 2cos - r_i - r_j (r = mean cosine to the k nearest
+    candidates), which lowers the score of hubs that are near to everything. fallback "nearest": a row left without
+    an edge gets one from its best candidate and one back to it. Self-loops last; edges unique, sorted by
+    (target, source)."""
+    x = _matrix(x, "x")
+    k = _check_k(k)
+    k_reverse = k if k_reverse is None else _check_k(k_reverse, "k_reverse")
+    _check_relation(relation, fallback)
+    n = x.shape[0]
+    mod = _modality(modality, n, "modality", x.device) if modality is not None else None
+    if cross_modal_only and mod is None:
+        raise SearchInputError("cross_modal_only=True needs modality ((N,) long, 0 = image, 1 = text)")
+    exclude = torch.arange(n, device=x.device)[:, None]
+    if partner is not None:
+        exclude = torch.cat([exclude, _modality(partner, n, "partner", x.device)[:, None]], 1)
+    kw = dict(query_modality=mod, database_modality=mod, cross_modal_only=cross_modal_only, exclude=exclude,
+              metric=metric)
+    sc, nbr, r = _hub_scores(x, x, max(k, k_reverse), k, kw, hubness, None)
+    tau = sc[:, k_reverse - 1]
+    # i in kNN_k'(j) by list membership (exact under ties: the tie rule of `topk` decides); a bank query, which is
+    # in no list, uses the equivalent threshold test against tau instead (`mutual_to_bank`).
+    rows = torch.arange(n, device=x.device)[:, None]
+    rev = nbr[:, :k_reverse]
+    sc, nbr = sc[:, :k], nbr[:, :k]
+    mutual = (nbr >= 0) & torch.isin(nbr * n + rows, (rows * n + rev)[rev >= 0])
+    edges, score, flag_m, flag_f = _assemble(nbr, sc, mutual, relation, fallback, n, self_loops, symmetric_fallback=True)
+    return Relation(edges, score, flag_m, flag_f, nbr, tau, r)
+
+
+def mutual_to_bank(
+    query: torch.Tensor,
+    bank: torch.Tensor,
+    k: int,
+    tau: torch.Tensor,
+    *,
+    relation: str = "mutual",
+    query_modality: torch.Tensor | None = None,
+    bank_modality: torch.Tensor | None = None,
+    cross_modal_only: bool = False,
+    exclude: torch.Tensor | None = None,
+    hubness: str = "none",
+    bank_r: torch.Tensor | None = None,
+    fallback: str = "nearest",
+    metric: str = "cosine",
+    chunk_size: int = 2048,
+    tolerance: float = 1e-6,
+) -> Relation:
+    """Edges from a fixed bank to each query (edge_index row 0 = bank row, row 1 = query row; no self-loops).
+
+    Edge j -> i iff j is among the k best bank candidates of query i and score(i, j) >= tau_j, the score of j's
+    k'-th candidate inside the bank (from `mutual_graph(bank, ...).tau` with the same candidates rule, or
+    `kth_neighbour_similarity`): i would be among j's k' nearest. With hubness "csls", `bank_r` is the bank rows'
+    r and tau is in CSLS units; the query's own r comes from its own k nearest bank candidates. Each query is
+    searched on its own, so its edges never depend on the other queries. `exclude` (Q,) or (Q, X): bank rows a
+    query must not link to (its own copy and its partner when the query is a bank member). `tolerance` absorbs the
+    last-bit difference between one pair's score computed in two different matrix products."""
+    q, b = _pair(query, bank, "query", "bank")
+    k = _check_k(k)
+    _check_relation(relation, fallback)
+    if not isinstance(tau, torch.Tensor) or tau.shape != (b.shape[0],):
+        raise SearchInputError(f"tau must be a tensor of shape ({b.shape[0]},) (one per bank row), got "
+                               f"{tuple(tau.shape) if isinstance(tau, torch.Tensor) else type(tau).__name__}")
+    if hubness == "csls" and (bank_r is None or bank_r.shape != (b.shape[0],)):
+        raise SearchInputError(f"hubness='csls' needs bank_r of shape ({b.shape[0]},) (each bank row's r)")
+    _check_chunk(chunk_size)
+    tau = tau.detach().to(q.device, torch.float32)
+    kw = dict(query_modality=query_modality, database_modality=bank_modality, cross_modal_only=cross_modal_only,
+              exclude=exclude, metric=metric, chunk_size=chunk_size)
+    sc, nbr, r = _hub_scores(q, b, k, k, kw, hubness, bank_r)
+    mutual = (nbr >= 0) & (sc >= tau[nbr.clamp(min=0)] - tolerance)
+    edges, score, flag_m, flag_f = _assemble(nbr, sc, mutual, relation, fallback, q.shape[0], self_loops=False)
+    # by query, then by descending score (ties: lower bank row first, the order _assemble left them in)
+    by_score = torch.argsort(-score, stable=True)
+    order = by_score[torch.argsort(edges[1][by_score], stable=True)]
+    return Relation(edges[:, order], score[order], flag_m[order], flag_f[order], nbr, None, r)
+
+
 def mutual_knn_edges(
     x: torch.Tensor,
     k: int,
@@ -336,48 +573,10 @@ def mutual_knn_edges(
     self_loops: bool = True,
     metric: str = "cosine",
 ) -> torch.Tensor:
-    """edge_index (2, E) long over the rows of x (PyG: row 0 source j, row 1 target i).
-
-    knn: j -> i for every j in kNN(i). mutual: i - j (both directions) iff i in kNN(j) and j in kNN(i). kNN excludes
-    self; with `cross_modal_only` the candidates are the other modality's nodes. k is capped per node at its number of
-    candidates (a small batch never fails). fallback "nearest": a node left without a neighbour gets an edge from its
-    single nearest candidate and one back to it. Self-loops are added last. Edges are unique and sorted by
-    (target, source).
-    """
-    x = _matrix(x, "x")
-    k = _check_k(k)
-    if relation not in ("mutual", "knn"):
-        raise SearchInputError(f"relation must be 'mutual' or 'knn', got {relation!r}")
-    if fallback not in ("nearest", "none"):
-        raise SearchInputError(f"fallback must be 'nearest' or 'none', got {fallback!r}")
-    n = x.shape[0]
-    mod = _modality(modality, n, "modality", x.device) if modality is not None else None
-    if cross_modal_only and mod is None:
-        raise SearchInputError("cross_modal_only=True needs modality ((N,) long, 0 = image, 1 = text)")
-    k_eff = min(k, n - 1)
-    if k_eff >= 1:
-        scores, nbr = _within(x, k_eff, metric, mod, cross_modal_only)
-        valid = torch.isfinite(scores)
-        tgt = torch.arange(n, device=x.device)[:, None].expand_as(nbr)[valid]  # i
-        src = nbr[valid]  # j in kNN(i)
-        if relation == "mutual":
-            keys = tgt * n + src
-            keep = torch.isin(keys, src * n + tgt)  # the reverse pair exists: i in kNN(j)
-            src, tgt = src[keep], tgt[keep]
-        if fallback == "nearest":
-            lonely = torch.bincount(tgt, minlength=n) == 0
-            has_any = valid[:, 0]
-            nodes = torch.nonzero(lonely & has_any).flatten()
-            near = nbr[nodes, 0]
-            src = torch.cat([src, near, nodes])
-            tgt = torch.cat([tgt, nodes, near])
-    else:
-        src = tgt = torch.empty(0, dtype=torch.long, device=x.device)
-    if self_loops:
-        ar = torch.arange(n, device=x.device)
-        src, tgt = torch.cat([src, ar]), torch.cat([tgt, ar])
-    keys = torch.unique(tgt * n + src)  # sorted: deterministic order, duplicates from the fallback removed
-    return torch.stack([keys % n, keys // n])
+    """edge_index (2, E) long over the rows of x (PyG: row 0 source j, row 1 target i): `mutual_graph` without the
+    flags. knn: j -> i for every j in kNN(i). mutual: i - j (both directions) iff i in kNN(j) and j in kNN(i)."""
+    return mutual_graph(x, k, relation=relation, modality=modality, cross_modal_only=cross_modal_only,
+                        fallback=fallback, self_loops=self_loops, metric=metric).edge_index
 
 
 def mutual_knn_to_bank(
@@ -395,41 +594,9 @@ def mutual_knn_to_bank(
     chunk_size: int = 2048,
     tolerance: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mutual-kNN edges from a fixed bank to each query: (query_index (E,), bank_index (E,), sim (E,)).
-
-    Edge i <- j iff j is in kNN_bank(i) and sim(i, j) >= tau_j (i would be in j's kNN inside the bank; tau from
-    `kth_neighbour_similarity` with the same k, metric and cross_modal_only). A query with no such j keeps its single
-    nearest bank node (fallback "nearest"). Each query is searched on its own row, so its edges never depend on the
-    other queries. `exclude` (Q,) long drops one bank index per query (a query that is itself a bank member).
-    `tolerance` absorbs float rounding between this search and the bank's own (the same pair's similarity computed
-    in two matrix products can differ in the last bit).
-    Edges come sorted by query, then by descending similarity.
-    """
-    q, b = _pair(query, bank, "query", "bank")
-    k = _check_k(k)
-    if fallback not in ("nearest", "none"):
-        raise SearchInputError(f"fallback must be 'nearest' or 'none', got {fallback!r}")
-    if not isinstance(tau, torch.Tensor) or tau.shape != (b.shape[0],):
-        raise SearchInputError(f"tau must be a tensor of shape ({b.shape[0]},) (one per bank row), got "
-                               f"{tuple(tau.shape) if isinstance(tau, torch.Tensor) else type(tau).__name__}")
-    tau = tau.detach().to(q.device, torch.float32)
-    qm = bm = None
-    if cross_modal_only:
-        if query_modality is None or bank_modality is None:
-            raise SearchInputError("cross_modal_only=True needs query_modality and bank_modality (0 = image, 1 = text)")
-        qm = _modality(query_modality, q.shape[0], "query_modality", q.device)
-        bm = _modality(bank_modality, b.shape[0], "bank_modality", q.device)
-    if exclude is not None:
-        exclude = torch.as_tensor(exclude).to(q.device, torch.long)
-        if exclude.shape != (q.shape[0],):
-            raise SearchInputError(f"exclude must have shape ({q.shape[0]},), got {tuple(exclude.shape)}")
-    k_eff = min(k, b.shape[0])
-    qn, bn = _prep(q, metric), _prep(b, metric)
-    allowed = _candidates_fn(bm, None, cross_modal_only, q_modality=qm)
-    scores, nbr = _torch_topk(qn, bn, k_eff, exclude, chunk_size, allowed)
-    valid = torch.isfinite(scores)
-    keep = valid & (scores >= tau[nbr] - tolerance)
-    if fallback == "nearest":
-        keep[:, 0] |= valid[:, 0] & ~keep.any(1)
-    qi = torch.arange(q.shape[0], device=q.device)[:, None].expand_as(nbr)
-    return qi[keep], nbr[keep], scores[keep]
+    """`mutual_to_bank` as (query_index (E,), bank_index (E,), similarity (E,)), sorted by query, then by
+    descending similarity."""
+    rel = mutual_to_bank(query, bank, k, tau, query_modality=query_modality, bank_modality=bank_modality,
+                         cross_modal_only=cross_modal_only, fallback=fallback, metric=metric, exclude=exclude,
+                         chunk_size=chunk_size, tolerance=tolerance)
+    return rel.edge_index[1], rel.edge_index[0], rel.score

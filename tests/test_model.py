@@ -11,7 +11,8 @@ from dcmfg import interpret
 from dcmfg.config import load_config
 from dcmfg.errors import ConfigError
 from dcmfg.losses import contrastive_loss, label_similarity, quantization_loss, total_loss
-from dcmfg.model import AttentionConv, load_weights, save_weights
+from dcmfg import graph as G
+from dcmfg.model import AlignedGATv2Conv, GraphLayer, ModelOutput, load_weights, save_weights
 from dcmfg.registry import MODELS, create_model
 
 DI, DT, R, W, C = 24, 20, 4, 6, 5
@@ -33,40 +34,44 @@ def _cfg(name="dcmfg", *extra):
                               "model.hash_bits=16", "model.heads=2", "graph.k=3", *extra])
 
 
-def test_attention_conv_matches_torch_geometric_gatv2():
+def test_attention_conv_is_torch_geometric_gatv2_plus_the_alignment_term():
     torch.manual_seed(0)
     x = torch.randn(10, 8)
     edges = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2], [1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 0, 0]])
     edges = torch.cat([edges, torch.arange(10).repeat(2, 1)], 1)
-    ours = AttentionConv(8, 2, "gatv2")
+    ours = AlignedGATv2Conv(8, 2, align_scale=3.0)
     ref = GATv2Conv(8, 4, heads=2, add_self_loops=False, share_weights=False)
-    with torch.no_grad():
-        ref.lin_l.weight.copy_(ours.lin_l.weight)
-        ref.lin_l.bias.copy_(ours.lin_l.bias)
-        ref.lin_r.weight.copy_(ours.lin_r.weight)
-        ref.lin_r.bias.copy_(ours.lin_r.bias)
-        ref.att.copy_(ours.att)
-        ref.bias.copy_(ours.bias)
-    out, alpha = ours(x, edges)
+    ref.load_state_dict(ours.state_dict())
+    out, (_, alpha) = ours(x, edges, return_attention_weights=True)
     out_ref, (_, alpha_ref) = ref(x, edges, return_attention_weights=True)
     torch.testing.assert_close(out, out_ref)
     torch.testing.assert_close(alpha, alpha_ref)
+    # the alignment term: softmax(logit + s * a) = alpha * exp(s * a), renormalised per target
+    align = torch.rand(edges.shape[1], generator=torch.Generator().manual_seed(1))
+    _, (_, a1) = ours(x, edges, edge_attr=align, return_attention_weights=True)
+    w = alpha_ref * torch.exp(3.0 * align)[:, None]
+    norm = torch.zeros(10, 2).index_add_(0, edges[1], w)[edges[1]]
+    torch.testing.assert_close(a1, w / norm)
+    # bipartite (sources, targets) as the bank graph uses it: the same numbers for the same edges
+    out_b, (_, a_b) = ours((x, x[:3]), edges[:, edges[1] < 3], return_attention_weights=True)
+    torch.testing.assert_close(out_b, out[:3])
+    torch.testing.assert_close(a_b, alpha[edges[1] < 3])
 
 
-def test_alignment_term_shifts_attention_towards_aligned_edges_and_none_is_a_mean():
+def test_attention_dropout_keeps_coefficients_normalised_and_none_is_a_mean():
     torch.manual_seed(0)
     x = torch.randn(4, 8)
-    edges = torch.tensor([[1, 2, 0], [0, 0, 0]])
-    conv = AttentionConv(8, 2, "alignment")
-    _, a0 = conv(x, edges, torch.zeros(3))
-    _, a1 = conv(x, edges, torch.tensor([1.0, 0.0, 0.0]))
-    assert bool((a1[0] > a0[0]).all())
-    torch.testing.assert_close(a1.sum(0), torch.ones(2))
-    mean = AttentionConv(8, 2, "none")
-    out, a = mean(x, edges)
+    e = G.Edges(index=torch.tensor([[1, 2, 0], [0, 0, 0]]), mutual=torch.zeros(3, dtype=torch.bool),
+                fallback=torch.zeros(3, dtype=torch.bool), self_loop=torch.tensor([False, False, True]),
+                cross=torch.zeros(3, dtype=torch.bool), n_targets=4, occurrence=torch.zeros(4))
+    layer = GraphLayer(8, 2, "gatv2", dropout=0.5, align_scale=0.0).train()
+    _, alpha = layer(x, x, e)
+    torch.testing.assert_close(alpha.sum(0), torch.ones(2))
+    mean = GraphLayer(8, 2, "none", dropout=0.0, align_scale=0.0)
+    out, a = mean(x, x, e)
     torch.testing.assert_close(a, torch.full((3, 2), 1 / 3))
-    expect = mean.lin_l(x[[1, 2, 0]]).mean(0) + mean.bias
-    torch.testing.assert_close(out[0], expect)
+    expect = mean.conv.lin_l(x[[1, 2, 0]].mean(0))
+    torch.testing.assert_close(out[0], mean.norm(x[0] + torch.nn.functional.gelu(expect)))
 
 
 @pytest.mark.parametrize(
@@ -88,16 +93,27 @@ def test_every_model_trains_every_parameter(name, attention):
     assert dead == []
 
 
-@pytest.mark.parametrize(
-    "relation,rebuild,cross",
-    [("mutual", True, False), ("mutual", True, True), ("knn", False, False), ("static", True, False), ("static", True, True)],
-)
-def test_query_embedding_does_not_depend_on_the_other_queries(relation, rebuild, cross):
-    # cross_modal_only=true is the shipped default: the static graph's within-modality bank must still work with it
-    cfg = _cfg("dcmfg", f"graph.relation={relation}", f"graph.rebuild_per_layer={str(rebuild).lower()}",
-               f"graph.cross_modal_only={str(cross).lower()}")
+SWITCHES = [
+    ["graph.relation=mutual"],
+    ["graph.relation=knn", "graph.rebuild_per_layer=false"],
+    ["graph.relation=static"],
+    ["graph.relation=static", "graph.cross_modal_only=false"],
+    ["graph.cross_modal_only=false", "graph.cross_k=2"],
+    ["graph.hubness=csls"],
+    ["graph.centre=true"],
+    ["graph.reverse_ratio=2.0", "graph.bank_density=matched"],
+    ["graph.inference=smooth"],
+    ["model.attention=gatv2"],
+]
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: ",".join(x.split(".")[1] for x in s))
+def test_query_embedding_does_not_depend_on_the_other_queries(switches):
+    cfg = _cfg("dcmfg", "train.batch_size=16", *switches)
     torch.manual_seed(0)
-    model = create_model("dcmfg", cfg, DI, DT, C).eval()
+    model = create_model("dcmfg", cfg, DI, DT, C)
+    model(_feats())  # one training forward: the centring's running means are set
+    model.eval()
     bank = model.build_bank(_feats(40, seed=1))
     q = _feats(9, seed=2)
     for modality in (0, 1):
@@ -111,29 +127,102 @@ def test_query_embedding_does_not_depend_on_the_other_queries(relation, rebuild,
         torch.testing.assert_close(chunked, full, atol=1e-5, rtol=0)
 
 
-def test_bank_and_batch_graph_agree_for_the_bank_members():
-    """A bank member embedded against the bank (its copy excluded) sees the same kind of graph as in training."""
-    cfg = _cfg("dcmfg", "graph.rebuild_per_layer=false", "model.dropout=0.0")
+@pytest.mark.parametrize("switches", [[], ["graph.rebuild_per_layer=false"], ["graph.hubness=csls"],
+                                      ["graph.relation=static"], ["graph.reverse_ratio=2.0"], ["graph.centre=true"]],
+                         ids=str)
+def test_a_bank_member_embedded_as_a_query_gets_its_bank_graph_state(switches):
+    """One relation rule and one propagation loop: a training item embedded against the bank (its copy and pair
+    excluded) ends in exactly the state it has in the bank's own graph (no fallback edges, which only the set's
+    own graph sends back). Both layers, rebuilt or not."""
+    cfg = _cfg("dcmfg", "graph.fallback=none", "model.dropout=0.0", *switches)
     torch.manual_seed(0)
-    model = create_model("dcmfg", cfg, DI, DT, C).eval()
+    model = create_model("dcmfg", cfg, DI, DT, C)
+    model(_feats())
+    model.eval()
     feats = _feats(20, seed=4)
     bank = model.build_bank(feats)
-    e = model.embed(feats, 0, bank)
-    assert e["z"].shape == (20, 32) and e["h"].shape == (20, 16)
-    torch.testing.assert_close(e["z"].norm(dim=1), torch.ones(20))
-    assert bool((e["h"].abs() <= 1).all())
+    enc = model.encode(feats)
+    with torch.no_grad():
+        h, trace = model.propagate(torch.cat([enc["p_img"], enc["p_txt"]]), model._batch_graph(enc))
+    assert len(trace) == 2 and all(torch.equal(s.input, b) for s, b in zip(trace, bank.states))
+    for modality in (0, 1):
+        e = model.embed(feats, modality, bank, exclude=torch.arange(20) + 20 * modality)
+        torch.testing.assert_close(e["z"], F.normalize(h[20 * modality : 20 * (modality + 1)], dim=1), atol=1e-5, rtol=0)
 
 
-def test_return_attention_gives_normalised_coefficients_per_node():
+def test_layers_zero_and_inference_none_are_the_projection_alone_and_smooth_adds_the_neighbour_mean():
+    torch.manual_seed(0)
+    feats, q = _feats(20, seed=4), _feats(6, seed=5)
+    flat = create_model("dcmfg", _cfg("dcmfg", "model.layers=0"), DI, DT, C)
+    out = flat(feats)
+    torch.testing.assert_close(out.z_img, F.normalize(out.p_img, dim=1))
+    assert out.stats == {} and len(list(flat.layers)) == 0
+    flat.eval()
+    for inference in (None, "none"):
+        e = flat.embed(q, 0, flat.build_bank(feats, inference=inference))
+        torch.testing.assert_close(e["z"], F.normalize(flat.proj_img(q["image_global"]), dim=1))
+    model = create_model("dcmfg", _cfg("dcmfg"), DI, DT, C).eval()
+    e = model.embed(q, 1, model.build_bank(feats, inference="none"))
+    torch.testing.assert_close(e["z"], F.normalize(model.proj_txt(q["text_global"]), dim=1))
+    assert e["graph"].summary() == {}
+    # smooth: p + mean of the bank neighbours' projections, the neighbours by the model's own relation
+    bank = flat.build_bank(feats, inference="smooth")
+    e = flat.embed(q, 0, bank, return_attention=True)
+    p = flat.proj_img(q["image_global"])
+    graph = G.BankGraph(flat.gcfg, bank, 0)
+    edges = graph.edges(0, p)
+    src, dst = edges.index[:, ~edges.self_loop]
+    nb = bank.states[0][edges.bank_nodes[src - 6]]
+    mean = torch.stack([nb[dst == i].mean(0) for i in range(6)])
+    torch.testing.assert_close(e["z"], F.normalize(p + mean, dim=1))
+    assert 0 < e["graph"].summary()["graph_in_degree"]
+    with pytest.raises(ConfigError, match="graph.inference='nope'"):
+        model.build_bank(feats, inference="nope")
+
+
+def test_outputs_stats_and_attention_for_the_explorer():
     cfg = _cfg("dcmfg")
     torch.manual_seed(0)
-    model = create_model("dcmfg", cfg, DI, DT, C).eval()
+    model = create_model("dcmfg", cfg, DI, DT, C)
     out = model(_feats(16), return_attention=True)
-    assert len(out["attention"]) == cfg.model.layers
-    for layer in out["attention"]:
+    assert isinstance(out, ModelOutput)
+    assert {"graph_mutual_share", "graph_fallback_share", "graph_in_degree", "graph_out_degree", "graph_cross_share",
+            "graph_hubness", "graph_attention_entropy", "graph_self_attention"} <= set(out.stats)
+    assert all(isinstance(v, float) for v in out.stats.values())
+    assert 0 <= out.stats["graph_mutual_share"] <= 1 and out.stats["graph_cross_share"] == 1.0  # cross_modal_only
+    assert len(out.attention) == cfg.model.layers
+    for layer in out.attention:
         dst = layer["edge_index"][1]
         sums = torch.zeros(32, layer["alpha"].shape[1]).index_add_(0, dst, layer["alpha"])
         torch.testing.assert_close(sums, torch.ones_like(sums))
+    model.eval()
+    bank = model.build_bank(_feats(20, seed=1))
+    assert 0 <= bank.stats["graph_mutual_share"] <= 1
+    e = model.embed(_feats(5, seed=2), 1, bank, return_attention=True, exclude=torch.tensor([20, -1, -1, -1, -1]))
+    for a in e["attention"]:
+        assert set(a) == {"query_index", "bank_index", "alpha", "mutual"}
+        assert a["alpha"].shape == (len(a["query_index"]), cfg.model.heads) and a["mutual"].dtype == torch.bool
+        selfloop = a["bank_index"] == -1
+        assert int(selfloop.sum()) == 5 and not bool(a["mutual"][selfloop].any())
+        assert not bool(((a["query_index"] == 0) & ((a["bank_index"] == 20) | (a["bank_index"] == 0))).any())
+    s = e["graph"].summary()
+    assert s["graph_mutual_share"] == pytest.approx(
+        float(torch.stack([a["mutual"][a["query_index"] == i].any() for a in e["attention"] for i in range(5)]).float().mean()))
+    with pytest.raises(AttributeError):
+        total_loss({"z_img": out.z_img}, torch.ones(16, C), cfg.loss)  # a dict (old field names) is refused
+
+
+def test_centring_means_and_align_scale_are_saved_with_the_weights(tmp_path):
+    cfg = _cfg("dcmfg", "graph.centre=true", "model.align_scale=2.5")
+    torch.manual_seed(0)
+    model = create_model("dcmfg", cfg, DI, DT, C)
+    model(_feats())
+    assert all(layer.conv.align_scale == 2.5 for layer in model.layers)
+    assert "align_scale" not in " ".join(n for n, _ in model.named_parameters())
+    save_weights(model, tmp_path / "m.safetensors")
+    other = create_model("dcmfg", cfg, DI, DT, C)
+    load_weights(other, tmp_path / "m.safetensors")
+    assert torch.equal(other.centre[0].mean, model.centre[0].mean) and float(model.centre[0].mean.abs().sum()) > 0
 
 
 def test_interpret_region_word_map_and_neighbourhood():

@@ -1,0 +1,108 @@
+"""What the graph actually did (issue: is the mutual relation active at all?), always recorded.
+
+For every graph step (a layer of a training batch, of the bank's own graph, or of a chunk of queries against the bank)
+`GraphTally.add` counts, over the step's target nodes:
+
+- `mutual_share`: targets with at least one genuine mutual neighbour (fallback edges and self-loops not counted);
+- `fallback_share`: targets served only by the fallback edge (no other non-self edge);
+- `in_degree`: mean non-self in-edges per target; `out_degree` / `out_degree_max`: non-self out-edges per candidate
+  node (mean and max: a hub feeds many targets);
+- `cross_share`: share of the non-self edges that join an image and a text;
+- `hubness`: skewness of the k-occurrence (how often each candidate is among a target's k nearest); a long right tail
+  means a few hubs are near to everything;
+- `attention_entropy` (nats, mean over targets and heads) and `self_attention` (mean weight of the self-loop).
+
+Counts are summed over layers, batches or chunks, so shares are exact over all targets (a mean over layers). With
+`shared_candidates` (queries against one bank) the k-occurrence and out-degrees are summed over the steps and computed
+once over the bank; otherwise (training batches: each its own nodes) they are computed per step and averaged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KEYS = ("mutual_share", "fallback_share", "in_degree", "out_degree", "out_degree_max", "cross_share", "hubness",
+        "attention_entropy", "self_attention")
+
+
+def skewness(x: torch.Tensor) -> float:
+    """Sample skewness E[(x - mean)^3] / std^3 (0 for a constant)."""
+    x = x.double()
+    sd = x.std(unbiased=False)
+    return float(((x - x.mean()) ** 3).mean() / sd**3) if float(sd) > 0 else 0.0
+
+
+class GraphTally:
+    def __init__(self, shared_candidates: bool = False):
+        self.shared = shared_candidates
+        self.n: dict[str, float] = {k: 0.0 for k in ("targets", "mutual", "fallback_only", "edges", "cross",
+                                                     "entropy", "self_alpha", "rows", "steps", "hub", "out_mean",
+                                                     "out_max")}
+        self.occurrence: dict[int, torch.Tensor] = {}  # shared candidates: per layer, summed over steps
+        self.out: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def add(self, edges, alpha: torch.Tensor | None = None, layer: int = 0) -> None:
+        """One graph step: `edges` a `dcmfg.graph.Edges`, `alpha` (E, heads) its attention coefficients."""
+        t = edges.n_targets
+        src, tgt = edges.index
+        other = ~edges.self_loop
+        genuine = other & ~edges.fallback
+        self.n["targets"] += t
+        self.n["mutual"] += int((torch.bincount(tgt[edges.mutual & other], minlength=t) > 0).sum())
+        has_genuine = torch.bincount(tgt[genuine], minlength=t) > 0
+        has_fallback = torch.bincount(tgt[edges.fallback & other], minlength=t) > 0
+        self.n["fallback_only"] += int((has_fallback & ~has_genuine).sum())
+        self.n["edges"] += int(other.sum())
+        self.n["cross"] += int((edges.cross & other).sum())
+        # out-degree per candidate node: bank graphs name the bank node of each source row
+        cand = edges.bank_nodes[src[other] - t] if edges.bank_nodes is not None else src[other]
+        out = torch.bincount(cand, minlength=len(edges.occurrence))
+        if self.shared:
+            self.occurrence[layer] = edges.occurrence + self.occurrence.get(layer, 0)
+            self.out[layer] = out + self.out.get(layer, 0)
+        else:
+            self.n["steps"] += 1
+            self.n["hub"] += skewness(edges.occurrence)
+            self.n["out_mean"] += float(out.double().mean())
+            self.n["out_max"] += float(out.max()) if len(out) else 0.0
+        if alpha is not None:
+            a = alpha.detach().double()
+            ent = torch.zeros(t, a.shape[1], dtype=torch.double, device=a.device)
+            ent.index_add_(0, tgt, -(a * torch.log(a.clamp(min=1e-30))))
+            self.n["entropy"] += float(ent.sum())
+            self.n["self_alpha"] += float(a[edges.self_loop].sum())
+            self.n["rows"] += t * a.shape[1]
+
+    def __iadd__(self, other: "GraphTally") -> "GraphTally":
+        for k, v in other.n.items():
+            self.n[k] += v
+        for layer, occ in other.occurrence.items():
+            self.occurrence[layer] = occ + self.occurrence.get(layer, 0)
+            self.out[layer] = other.out[layer] + self.out.get(layer, 0)
+        return self
+
+    def summary(self, prefix: str = "graph_") -> dict[str, float]:
+        """The statistics as plain floats (empty when no graph step was seen: a model without graph layers)."""
+        n = self.n
+        if n["targets"] == 0:
+            return {}
+        res = {
+            "mutual_share": n["mutual"] / n["targets"],
+            "fallback_share": n["fallback_only"] / n["targets"],
+            "in_degree": n["edges"] / n["targets"],
+            "cross_share": n["cross"] / n["edges"] if n["edges"] else 0.0,
+        }
+        if self.occurrence:
+            layers = sorted(self.occurrence)
+            res["hubness"] = sum(skewness(self.occurrence[la]) for la in layers) / len(layers)
+            res["out_degree"] = sum(float(self.out[la].double().mean()) for la in layers) / len(layers)
+            res["out_degree_max"] = sum(float(self.out[la].max()) for la in layers) / len(layers)
+        elif n["steps"]:
+            res["hubness"] = n["hub"] / n["steps"]
+            res["out_degree"] = n["out_mean"] / n["steps"]
+            res["out_degree_max"] = n["out_max"] / n["steps"]
+        if n["rows"]:
+            res["attention_entropy"] = n["entropy"] / n["rows"]
+            res["self_attention"] = n["self_alpha"] / n["rows"]
+        return {prefix + k: float(v) for k, v in res.items()}
