@@ -410,6 +410,10 @@ def _ranked_counts(p: _Prepared, ks: list[int], chunk_size: int | None) -> tuple
 def _pr_frame(p: _Prepared, ks: list[int], empty: str, chunk_size: int | None) -> pd.DataFrame:
     ks = sorted({min(k, p.n_database) for k in ks})
     hits, n_rel = _ranked_counts(p, ks, chunk_size)
+    return _pr_from_counts(hits, n_rel, ks, empty)
+
+
+def _pr_from_counts(hits: torch.Tensor, n_rel: torch.Tensor, ks: list[int], empty: str) -> pd.DataFrame:
     empty_mask = n_rel == 0
     rows = []
     for j, k in enumerate(ks):
@@ -487,6 +491,12 @@ def pr_curve_hamming(
         n_rel[rows] = r.sum(1)
         total[rows] = torch.cumsum(n, 1)
         found[rows] = torch.cumsum(r, 1)
+    return _pr_hamming_from_counts(total, found, n_rel, empty)
+
+
+def _pr_hamming_from_counts(total: torch.Tensor, found: torch.Tensor, n_rel: torch.Tensor, empty: str) -> pd.DataFrame:
+    """The PR-hamming table from per-query cumulative (items, relevant items) within each radius, and R."""
+    n_bits = total.shape[1] - 1
     keep = n_rel > 0 if empty == "exclude" else torch.ones_like(n_rel, dtype=torch.bool)
     total, found, n_rel = total[keep], found[keep], n_rel[keep]
     retrieving = total > 0
@@ -528,21 +538,37 @@ def ndcg_at_k(
     ks = sorted({min(k, p.n_database) for k in _check_ks(ks, "ks")})
     kmax = max(ks)
     cols = torch.tensor([k - 1 for k in ks], device=p.device)
-    discount = 1.0 / torch.log2(torch.arange(2, kmax + 2, dtype=torch.float64, device=p.device))
+    discount = _discount(kmax, p.device)
     ndcg = torch.empty(p.n_query, len(ks), dtype=torch.float64, device=p.device)
     n_rel = torch.empty(p.n_query, dtype=torch.float64, device=p.device)
+    for rows in _chunk_rows(p.n_query, p.n_database, chunk_size):
+        shared = _shared_labels(p, rows)
+        n_rel[rows] = torch.count_nonzero(shared, dim=1).double()
+        order = _stable_order(_distances(p, rows), kmax, _bits(p))
+        ndcg[rows] = _ndcg_rows(shared, order, gain, discount, cols)
+    return _ndcg_frame(ndcg, n_rel, ks, empty)
+
+
+def _discount(kmax: int, device: torch.device) -> torch.Tensor:
+    return 1.0 / torch.log2(torch.arange(2, kmax + 2, dtype=torch.float64, device=device))
+
+
+def _ndcg_rows(shared: torch.Tensor, order: torch.Tensor, gain: str, discount: torch.Tensor,
+               cols: torch.Tensor) -> torch.Tensor:
+    """NDCG at the columns `cols` (K - 1) of a chunk, from the shared-label counts and the ranking order."""
+    kmax = discount.shape[0]
 
     def dcg(g: torch.Tensor) -> torch.Tensor:
         g = g.to(torch.float64)
         gains = torch.exp2(g) - 1 if gain == "exponential" else g
         return torch.cumsum(gains * discount, dim=1).index_select(1, cols)
 
-    for rows in _chunk_rows(p.n_query, p.n_database, chunk_size):
-        shared = _shared_labels(p, rows)
-        n_rel[rows] = torch.count_nonzero(shared, dim=1).double()
-        got = dcg(shared.gather(1, _stable_order(_distances(p, rows), kmax, _bits(p))))
-        ideal = dcg(torch.topk(shared, kmax, dim=1, sorted=True)[0])
-        ndcg[rows] = torch.where(ideal > 0, got / ideal.clamp(min=1e-300), 0.0)
+    got = dcg(shared.gather(1, order[:, :kmax]))
+    ideal = dcg(torch.topk(shared, kmax, dim=1, sorted=True)[0])
+    return torch.where(ideal > 0, got / ideal.clamp(min=1e-300), 0.0)
+
+
+def _ndcg_frame(ndcg: torch.Tensor, n_rel: torch.Tensor, ks: list[int], empty: str) -> pd.DataFrame:
     out = []
     for j, k in enumerate(ks):
         value, _ = _finish(ndcg[:, j], n_rel == 0, empty)
@@ -586,58 +612,125 @@ def retrieval_report(
     the requested rule come first; `report_summary` reads those.
     """
     _check_choice(ties, "ties", ("stable", "expected"))
+    _check_choice(empty, "empty", ("zero", "exclude"))
     for den in denominators:
         _check_choice(den, "denominators", ("relevant", "retrieved"))
     map_ks = _check_ks(map_k, "map_k", allow_none=True)
     ks = _check_ks(ks, "ks")
     directions = (("I->T", image_query, text_database), ("T->I", text_query, image_database))
     rows: list[dict] = []
-
-    def add(direction: str, metric: str, k, value: float, variant: str) -> None:
-        rows.append(
-            {"direction": direction, "metric": metric, "k": np.nan if k is None else k, "value": float(value),
-             "variant": variant, "distance": distance}
-        )
-
     for direction, query, database in directions:
-        common = dict(distance=distance, empty=empty, chunk_size=chunk_size)
-        n_db = _as_tensor(database, "database").shape[0]
-        for k in map_ks:
-            if k is not None and k >= n_db:
-                continue
-            for den in denominators:
-                if ties == "expected" and den == "retrieved":
-                    continue
-                value = mean_average_precision(
-                    query, database, query_labels, database_labels, k=k, denominator=den, ties=ties, **common
-                )
-                add(direction, "mAP", k, value, _variant("mAP", k, denominator=den, ties=ties, empty=empty))
-        pr = precision_recall_at_k(query, database, query_labels, database_labels, ks=ks, **common)
-        for rec in pr.itertuples():
-            add(direction, "P", rec.k, rec.precision, _variant("P", rec.k, ties="stable", empty=empty))
-            add(direction, "R", rec.k, rec.recall, _variant("R", rec.k, ties="stable", empty=empty))
-        if ndcg:
-            nd = ndcg_at_k(query, database, query_labels, database_labels, ks=ks, **common)
-            for rec in nd.itertuples():
-                add(direction, "NDCG", rec.k, rec.ndcg, _variant("NDCG", rec.k, gain="exponential", ties="stable",
-                                                                 empty=empty))
-        if distance == "hamming":
-            if ties == "stable":
-                value = mean_average_precision(query, database, query_labels, database_labels, ties="expected",
-                                               **common)
-                add(direction, "mAP", None, value, _variant("mAP", None, denominator="relevant", ties="expected",
-                                                            empty=empty))
-            if pr_hamming:
-                curve = pr_curve_hamming(query, database, query_labels, database_labels, empty=empty,
-                                         chunk_size=chunk_size)
-                for rec in curve.itertuples():
-                    add(direction, "PR-hamming-P", rec.radius, rec.precision, f"PR-hamming radius={rec.radius} "
-                        f"empty={empty}")
-                    add(direction, "PR-hamming-R", rec.radius, rec.recall, f"PR-hamming radius={rec.radius} "
-                        f"empty={empty}")
-        add(direction, "empty-queries", None, count_empty_queries(query_labels, database_labels),
-            f"queries with no relevant item (rule empty={empty})")
+        p = _prepare(query, database, query_labels, database_labels, distance)
+        for metric, k, value, variant in _direction_report(p, map_ks, denominators, ks, ties, empty, ndcg,
+                                                           pr_hamming, chunk_size):
+            rows.append({"direction": direction, "metric": metric, "k": np.nan if k is None else k,
+                         "value": float(value), "variant": variant, "distance": distance})
+        rows.append({"direction": direction, "metric": "empty-queries", "k": np.nan,
+                     "value": float(count_empty_queries(query_labels, database_labels)),
+                     "variant": f"queries with no relevant item (rule empty={empty})", "distance": distance})
     return pd.DataFrame(rows, columns=["direction", "metric", "k", "value", "variant", "distance"])
+
+
+def _direction_report(p: _Prepared, map_ks, denominators, ks, ties, empty, ndcg, pr_hamming, chunk_size) -> list:
+    """The report rows (metric, k, value, variant) of one direction from ONE ranking per query chunk: every stable
+    metric (mAP@K for each K and denominator, P/R@K, NDCG@K) reads the same order, the tie-aware values and the
+    Hamming PR curve the same per-distance histograms. The numbers equal those of the single-metric functions
+    (same chunks, same kernels on the same inputs)."""
+    n_db, dev, hamming = p.n_database, p.device, p.distance == "hamming"
+    wanted = [k for k in map_ks if k is None or k < n_db]  # a K >= N equals @all
+    stable_maps = [(k, n_db if k is None else k, den) for k in wanted for den in denominators] \
+        if ties == "stable" else []
+    expected_maps = [(k, n_db if k is None else k) for k in wanted] \
+        if ties == "expected" and "relevant" in denominators else []
+    extra_expected = hamming and ties == "stable"  # the tie-aware mAP@all beside the stable one
+    exp_kks = [kk for _, kk in expected_maps] + ([n_db] if extra_expected else [])
+    pr_ks = sorted({min(k, n_db) for k in ks})
+    kmax = max(pr_ks)
+    kneed = max([kk for _, kk, _ in stable_maps] + [kmax])
+    cols = torch.tensor([k - 1 for k in pr_ks], device=dev)
+    discount = _discount(kmax, dev) if ndcg else None
+    harmonic = _harmonic(n_db, dev) if exp_kks else None
+    use_hist = hamming and (bool(exp_kks) or pr_hamming)
+    n_bits = p.query.shape[1]
+
+    f64 = dict(dtype=torch.float64, device=dev)
+    stable_pq = [torch.empty(p.n_query, **f64) for _ in stable_maps]
+    stable_nrel = [torch.empty(p.n_query, **f64) for _ in stable_maps]
+    exp_pq = torch.empty(p.n_query, len(exp_kks), **f64)
+    exp_nrel = torch.empty(p.n_query, **f64)
+    hits = torch.empty(p.n_query, len(pr_ks), **f64)
+    n_rel = torch.empty(p.n_query, **f64)
+    nd = torch.empty(p.n_query, len(pr_ks), **f64) if ndcg else None
+    if use_hist and pr_hamming:
+        total, found = torch.empty(p.n_query, n_bits + 1, **f64), torch.empty(p.n_query, n_bits + 1, **f64)
+        hist_nrel = torch.empty(p.n_query, **f64)
+    ws: dict = {}
+    for rows in _chunk_rows(p.n_query, n_db, chunk_size):
+        shared = _shared_labels(p, rows)
+        rel = shared > 0
+        groups = None
+        if exp_kks and not hamming:  # the one full sort also gives the tie groups
+            dist_sorted, order = torch.sort(_distances(p, rows), dim=1, stable=True)
+            groups = _tie_groups(dist_sorted, rel.gather(1, order))
+            del dist_sorted
+        else:
+            order = _stable_order(_distances(p, rows), kneed, _bits(p))
+        rel_sorted = rel.gather(1, order[:, :kneed])
+        count = torch.count_nonzero(rel, dim=1).double()
+        for j, (_, kk, den) in enumerate(stable_maps):
+            sums, got = _ap_stable_sum(rel_sorted, kk)
+            big_r = got if kk == n_db else count
+            d = big_r.clamp(max=kk) if den == "relevant" else got
+            stable_nrel[j][rows] = big_r
+            stable_pq[j][rows] = torch.where(d > 0, sums / d.clamp(min=1), 0.0)
+        n_rel[rows] = count
+        hits[rows] = torch.cumsum(rel_sorted[:, :kmax], dim=1, dtype=torch.float64).index_select(1, cols)
+        if ndcg:
+            nd[rows] = _ndcg_rows(shared, order, "exponential", discount, cols)
+        del order, rel_sorted, rel
+        if use_hist:
+            groups = _hamming_histograms(p, rows, ws)
+            if pr_hamming:
+                hist_nrel[rows] = groups[1].sum(1)
+                total[rows], found[rows] = torch.cumsum(groups[0], 1), torch.cumsum(groups[1], 1)
+        if exp_kks:
+            n_g, r_g = groups
+            big_r = r_g.sum(1)
+            exp_nrel[rows] = big_r
+            sums = _expected_ap_sums(n_g, r_g, exp_kks, harmonic)
+            d = torch.stack([big_r.clamp(max=kk) for kk in exp_kks], dim=1)
+            exp_pq[rows] = torch.where(d > 0, sums / d.clamp(min=1), 0.0)
+
+    out = []
+    for k in wanted:  # mAP rows in the order of map_k, then denominators
+        for den in denominators:
+            if ties == "stable":
+                j = stable_maps.index((k, n_db if k is None else k, den))
+                value, _ = _finish(stable_pq[j], stable_nrel[j] == 0, empty)
+            elif den == "relevant":
+                j = expected_maps.index((k, n_db if k is None else k))
+                value, _ = _finish(exp_pq[:, j], exp_nrel == 0, empty)
+            else:
+                continue
+            out.append(("mAP", k, value, _variant("mAP", k, denominator=den, ties=ties, empty=empty)))
+    for rec in _pr_from_counts(hits, n_rel, pr_ks, empty).itertuples():
+        out.append(("P", rec.k, rec.precision, _variant("P", rec.k, ties="stable", empty=empty)))
+        out.append(("R", rec.k, rec.recall, _variant("R", rec.k, ties="stable", empty=empty)))
+    if ndcg:
+        for rec in _ndcg_frame(nd, n_rel, pr_ks, empty).itertuples():
+            out.append(("NDCG", rec.k, rec.ndcg, _variant("NDCG", rec.k, gain="exponential", ties="stable",
+                                                          empty=empty)))
+    if hamming:
+        if extra_expected:
+            value, _ = _finish(exp_pq[:, -1], exp_nrel == 0, empty)
+            out.append(("mAP", None, value, _variant("mAP", None, denominator="relevant", ties="expected",
+                                                     empty=empty)))
+        if pr_hamming:
+            for rec in _pr_hamming_from_counts(total, found, hist_nrel, empty).itertuples():
+                out.append(("PR-hamming-P", rec.radius, rec.precision,
+                            f"PR-hamming radius={rec.radius} empty={empty}"))
+                out.append(("PR-hamming-R", rec.radius, rec.recall, f"PR-hamming radius={rec.radius} empty={empty}"))
+    return out
 
 
 def report_summary(df: pd.DataFrame) -> dict:

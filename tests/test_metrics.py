@@ -386,3 +386,43 @@ def test_deterministic_and_dtype_independent():
     h = mean_average_precision(cq, cd, ql, dl, distance="hamming")
     assert h == mean_average_precision(cq.astype(np.int8), (cd > 0), ql.astype(bool), dl, distance="hamming")
     assert isinstance(precision_recall_at_k(eq, ed, ql, dl), pd.DataFrame)
+
+
+@pytest.mark.parametrize("distance,ties", [("hamming", "stable"), ("hamming", "expected"), ("cosine", "stable"),
+                                           ("cosine", "expected")])
+@pytest.mark.parametrize("n_db", [40, 400])  # 400: K=5 and 20 take the partial (top-k) ranking path
+def test_report_from_one_ranking_equals_the_single_metrics(distance, ties, n_db):
+    """retrieval_report ranks each query chunk once and derives every metric from that order; its values must be
+    exactly those of the single-metric functions."""
+    cq, cd, eq, ed, ql, dl = make_case(11, n_query=19, n_db=n_db, bits=6)
+    q, d = (cq, cd) if distance == "hamming" else (eq, ed)
+    t, u = (-cq, np.roll(cd, 1, axis=1)) if distance == "hamming" else (-eq, np.roll(ed, 1, axis=1))
+    dens = ("relevant", "retrieved")
+    for empty in ("zero", "exclude"):
+        common = dict(distance=distance, empty=empty, chunk_size=4)
+        df = retrieval_report(q, t, d, u, ql, dl, ks=(1, 5, 20), map_k=(None, 20), ties=ties, denominators=dens,
+                              **common)
+        part = df[df["direction"] == "I->T"]
+
+        def value(metric, k):
+            sel = part[(part["metric"] == metric) & ((part["k"] == k) if k is not None else part["k"].isna())]
+            return sel["value"].tolist()
+
+        for k in (None, 20):
+            expect = [mean_average_precision(q, u, ql, dl, k=k, ties=ties, denominator=den, **common)
+                      for den in dens if not (ties == "expected" and den == "retrieved")]
+            if distance == "hamming" and ties == "stable" and k is None:
+                expect.append(mean_average_precision(q, u, ql, dl, ties="expected", **common))
+            assert value("mAP", k) == expect
+        pr = precision_recall_at_k(q, u, ql, dl, ks=(1, 5, 20), **common)
+        nd = ndcg_at_k(q, u, ql, dl, ks=(1, 5, 20), **common)
+        for k in (1, 5, 20):
+            assert value("P", k) == pr.loc[pr["k"] == k, "precision"].tolist()
+            assert value("R", k) == pr.loc[pr["k"] == k, "recall"].tolist()
+            assert value("NDCG", k) == nd.loc[nd["k"] == k, "ndcg"].tolist()
+        if distance == "hamming":
+            curve = pr_curve_hamming(q, u, ql, dl, empty=empty, chunk_size=4)
+            got = part[part["metric"] == "PR-hamming-P"]["value"].to_numpy()
+            assert np.array_equal(got, curve["precision"].to_numpy(), equal_nan=True)
+        t2i = df[(df["direction"] == "T->I") & (df["metric"] == "mAP")]["value"].iloc[0]
+        assert t2i == mean_average_precision(t, d, ql, dl, ties=ties, **common)
