@@ -19,11 +19,12 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/pip install --no-deps -e .
 	touch $(STAMP)
 
-# Headless Chromium (Debian) checks the rendered book in the tests.
+# Headless Chromium (Debian) checks the rendered book in the tests; chromium-driver lets Selenium drive the explorer
+# in JupyterLab (tests/test_explorer_browser.py).
 browser:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	  else echo "chromium missing: sudo apt-get install chromium (the book test will be skipped)"; fi; }
+	@{ command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else echo "chromium missing: sudo apt-get install chromium chromium-driver (the browser tests will be skipped)"; fi; }
 
 study: $(STAMP)
 	$(BIN)/dcmfg study run
