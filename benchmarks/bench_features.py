@@ -65,7 +65,9 @@ def default_root() -> Path:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="mirflickr25k")
+    p.add_argument("--dataset", default="auto",
+                   help="a loader name; auto: the real MIRFlickr subset when present, else the synthetic set "
+                        "(rendered at 256 px, no JPEG to decode: it understates the reading cost)")
     p.add_argument("--root", default=None, help="dataset folder (default: $DCMFG_DATA/mirflickr-mini)")
     p.add_argument("--images", type=int, default=96, help="items (image + text) to extract")
     p.add_argument("--batch-size", type=int, default=32)
@@ -77,7 +79,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     device = resolve_device(args.device)
-    dataset = load_dataset(args.dataset, args.root or default_root())
+    name, root = args.dataset, args.root or default_root()
+    if name == "auto":
+        name = "mirflickr25k" if (Path(root) / "mirflickr").is_dir() else "synthetic"
+    extra = {"n": args.images, "image_size": 256} if name == "synthetic" else {}
+    dataset = load_dataset(name, None if name == "synthetic" else root, **extra)
     n = min(args.images, len(dataset))
     sub = dataset.subset(range(n))
     cfg = FeatureConfig(batch_size=args.batch_size, workers=args.workers, amp=args.amp)
@@ -135,7 +141,7 @@ def main(argv=None) -> int:
         "bare_image_only_img_per_s": round(n / med["bare_image"][0], 3),
         "bare_wall_s": round(bare_wall, 3), "bare_cpu_s": round(bare_cpu, 3),
         "extract_wall_s": round(ext_wall, 3), "extract_cpu_s": round(ext_cpu, 3),
-        "images": n, "batch_size": bs, "workers": args.workers, "amp": str(dtype) if dtype else "off",
+        "dataset": dataset.name, "images": n, "batch_size": bs, "workers": args.workers, "amp": str(dtype) if dtype else "off",
         "image_backbone": img.name, "text_backbone": txt.name, "image_size": cfg.image_size,
         "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "repeats": args.repeats,
         "torch": torch.__version__, "machine": platform.machine(),
