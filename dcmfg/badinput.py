@@ -392,11 +392,12 @@ for _c in [
 def find_source() -> Path:
     """A raw MIRFlickr-25K folder: the one under DCMFG_DATA, else the shared mini subset beside the repository."""
     from dcmfg.data.discover import find_datasets
+    from dcmfg.data.mirflickr import detect_layout
     from dcmfg.paths import data_dir
 
     folder = data_dir()
     for name, root in find_datasets(folder) if folder is not None else []:
-        if name == "mirflickr25k":
+        if name == "mirflickr25k" and detect_layout(root) == "raw":  # the .mat variants hold no image files
             return root
     mini = Path(__file__).resolve().parents[2] / "shared" / "data" / "mirflickr-mini"
     if (mini / "mirflickr").is_dir():
