@@ -5,10 +5,12 @@ Parts, as index arrays into the dataset (each sorted ascending):
 - `database`: every item not in the query (the retrieval set), per data.md;
 - `train`: drawn from the database; `val`: carved out of the training pool, and `train` excludes it.
 
-Sizes are counts (int) or fractions (float in (0, 1]). `query` and `train` fractions are of the whole dataset,
-`val` fractions are of the training pool; for `class_balanced`, `query` / `train` are per class (a fraction
-is of that class's items). Split files are JSON with sorted keys and fixed formatting, written atomically, so
-one seed gives a byte-identical file and every reader uses the same split.
+Sizes are counts (int >= 1) or fractions (float in (0, 1)); no part may end up empty. `query` and `train`
+fractions are of the whole dataset, `val` fractions are of the training pool; for `class_balanced`, `query` /
+`train` are per class (a fraction is of that class's items). Split files are JSON with sorted keys and fixed
+formatting, written atomically, so one seed gives a byte-identical file and every reader uses the same split.
+Reading one back (`load_split`) checks every rule above against the dataset, so a hand-edited file that breaks
+one (a query item in training, a repeated or non-integer index, ids of other items) is refused, never trained on.
 """
 
 from __future__ import annotations
