@@ -142,11 +142,22 @@ class Workspace:
         path.write_text(json.dumps(obj, indent=1))
         return path
 
+    def run_split(self) -> Path:
+        """The split file the shared run's config names (a copy of the valid split, so it may be rewritten)."""
+        path = self.tmp / "splits" / "run.json"
+        if not path.is_file():
+            shutil.copyfile(self.split(), path)
+        return path
+
+    def run_args(self, out: Path, extra: tuple = ()) -> list[str]:
+        """The `dcmfg train` arguments of the shared run, into `out`."""
+        return self.train(out=out, split=self.run_split(), extra=extra)
+
     def run(self) -> Path:
         """One finished tiny run (features extracted on the way): the checkpoint the checkpoint cases copy."""
         if self._run is None:
             self._run = self.tmp / "runs" / "shared"
-            self.setup(*self.train(out=self._run))
+            self.setup(*self.run_args(self._run))
         return self._run
 
     def run_copy(self, name: str) -> Path:
@@ -298,10 +309,32 @@ def _snapshot(folder: Path) -> dict:
 def _no_resume(ws: Workspace) -> Outcome:
     run_dir = ws.run_copy("no-resume")
     before = _snapshot(run_dir)
-    o = ws.dcmfg(*ws.train(out=run_dir, extra=("--no-resume",)))
+    o = ws.dcmfg(*ws.run_args(run_dir, extra=("--no-resume",)))
     after = _snapshot(run_dir)
     changed = sorted(k for k in before if after.get(k) != before[k])
     o.note = "finished run untouched" if not changed else f"finished run replaced ({len(changed)} files rewritten, report.json among them)" if "report.json" in changed else f"{len(changed)} files rewritten"
+    return o
+
+
+def _split_rewritten(ws: Workspace) -> Outcome:
+    """The split file a run was trained on is made again with another seed; the run is then evaluated."""
+    run_dir = ws.run_copy("split-rewritten")
+    path = ws.run_split()
+    before = path.read_bytes()
+    try:
+        ws.setup("data", "split", "mirflickr25k", "--root", ws.data(), "--seed", "1", "--out", path)
+        o = ws.dcmfg("evaluate", "--checkpoint", run_dir)
+    finally:
+        path.write_bytes(before)  # the other cases use the shared run's split as it was
+    if o.returncode == 0:
+        o.shows = _last_line(o.stderr) or _last_line(o.stdout)
+        trained = json.loads((run_dir / "report.json").read_text())
+        scored = json.loads((run_dir / "evaluate_query.json").read_text())
+        a = (trained["map_i2t"], trained["map_t2i"])
+        b = (scored["map_i2t"], scored["map_t2i"])
+        same = all(abs(x - y) < 1e-6 for x, y in zip(a, b))
+        o.note = ("scored on the split it was trained on (the mAP of its report.json)" if same else
+                  f"scored on another split: mAP I->T {a[0]:.3f} -> {b[0]:.3f}, T->I {a[1]:.3f} -> {b[1]:.3f}")
     return o
 
 
@@ -378,6 +411,8 @@ for _c in [
     Case("truncated-config", "evaluate a checkpoint whose config.json is cut in half", _truncated("config.json")),
     Case("truncated-meta", "evaluate a checkpoint whose meta.json is cut in half", _truncated("meta.json")),
     Case("ctrl-c", "Ctrl-C (SIGINT) during training, after the first epoch", _ctrl_c),
+    Case("split-rewritten", "the split file a run was trained on made again with another seed; evaluate the run",
+         _split_rewritten),
     Case("no-resume-finished", "train --no-resume into the folder of a finished run", _no_resume),
     Case("manifest-dotdot", "a manifest line whose image is ../outside.jpg", _manifest_dotdot),
     Case("missing-folder", "data info on a dataset folder that does not exist", _missing_folder),
