@@ -431,8 +431,11 @@ class Explorer:
         if res is None:
             self.details.value = ""
             return
+        rank = int(self.detail.value or 1)
+        head = (f'<div class="dcmfg-detail-head" style="font-weight:bold">result {rank} '
+                f'({_esc(res.table["id"].iloc[rank - 1])}) for the query {_esc(res.query.description)}</div>')
         try:
-            self.details.value = region_word_html(res, int(self.detail.value or 1)) + neighbourhood_html(res)
+            self.details.value = head + region_word_html(res, rank) + neighbourhood_html(res)
         except DcmfgError as exc:
             self.details.value = error_html(str(exc))
 
@@ -461,6 +464,7 @@ class Explorer:
             self.details.value = ""
             return
         self.status.value = '<span style="color:#555">searching ...</span>'
+        self.details.value = ""  # never the old query's details beside the new results
         try:
             a = self.search(self.run_a.value)
             b = self.search(self.run_b.value) if self.run_b.value not in ("(none)", self.run_a.value) else None

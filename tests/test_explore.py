@@ -22,23 +22,30 @@ from dcmfg.metrics import mean_average_precision
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _train(root, out, model: str, *overrides):
+def trained_run(root, model: str, *overrides) -> Path:
+    """A run trained for 2 epochs on the real subset, kept under the cache by a hash of its config (deterministic on
+    CPU), so the test modules that need one (and later test sessions) share it."""
+    import hashlib
+
+    from dcmfg.paths import cache_dir
     from dcmfg.train import train
 
     cfg = load_config(REPO / "configs" / f"{model}.yaml",
                       [f"data.root={root}", "train.epochs=2", "train.progress=false", *overrides])
-    train(cfg, out)
+    out = cache_dir() / "test-runs" / f"{model}-{hashlib.sha256(cfg.to_json().encode()).hexdigest()[:12]}"
+    if not (out / "report.json").is_file():
+        train(cfg, out)
     return out
 
 
 @pytest.fixture(scope="module")
-def dcmfg_run(mirflickr_root, tmp_path_factory):
-    return Q.cached_run(_train(mirflickr_root, tmp_path_factory.mktemp("runs") / "dcmfg", "dcmfg"))
+def dcmfg_run(mirflickr_root):
+    return Q.cached_run(trained_run(mirflickr_root, "dcmfg"))
 
 
 @pytest.fixture(scope="module")
-def linear_run(mirflickr_root, tmp_path_factory):
-    return Q.cached_run(_train(mirflickr_root, tmp_path_factory.mktemp("runs") / "linear", "linear"))
+def linear_run(mirflickr_root):
+    return Q.cached_run(trained_run(mirflickr_root, "linear"))
 
 
 def _cli(argv, capsys) -> tuple[int, str, str]:
