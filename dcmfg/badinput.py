@@ -327,7 +327,7 @@ def _split_rewritten(ws: Workspace) -> Outcome:
     finally:
         path.write_bytes(before)  # the other cases use the shared run's split as it was
     if o.returncode == 0:
-        o.shows = _last_line(o.stderr) or _last_line(o.stdout)
+        o.shows = " / ".join(x for x in (_last_line(o.stdout), _last_line(o.stderr)) if x)  # the result, and a warning
         trained = json.loads((run_dir / "report.json").read_text())
         scored = json.loads((run_dir / "evaluate_query.json").read_text())
         a = (trained["map_i2t"], trained["map_t2i"])
