@@ -411,14 +411,15 @@ class Explorer:
     def _on_upload(self, change) -> None:
         from PIL import Image
 
-        files = change["new"]
+        files = change["new"]  # ipywidgets 8: a tuple of {name, type, size, content, last_modified}
         if not files:
             return
-        content = files[0]["content"] if isinstance(files, (list, tuple)) else next(iter(files.values()))["content"]
         try:
-            self._image = Image.open(io.BytesIO(bytes(content))).convert("RGB")
+            self._image = Image.open(io.BytesIO(bytes(files[0]["content"]))).convert("RGB")
         except Exception as exc:  # a file that is not an image: say so in the widget
+            self._image = None
             self.status.value = error_html(f"{files[0].get('name', 'upload')}: cannot read the image ({exc})")
+            self.results.value = self.details.value = ""
             return
         with self._quiet():
             self.kind.value = "image"

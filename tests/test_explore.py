@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 import json
 import re
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -272,6 +273,19 @@ def test_live_explorer_updates_on_a_new_text_and_shows_errors(dcmfg_run, linear_
     assert "dcmfg-other-rank" not in ex.results.value
     ex.distance.value = "hamming"
     assert "ham " in ex.results.value
+    # an uploaded image: an image query against texts, the item's own ranking when it is an item's photo
+    i = int(dcmfg_run.data.part("query")[2])
+    photo = dcmfg_run.dataset.image_paths[i].read_bytes()
+    ex.distance.value = "cosine"
+    ex.upload.value = ({"name": "photo.jpg", "type": "image/jpeg", "size": len(photo), "content": memoryview(photo),
+                        "last_modified": datetime.now(timezone.utc)},)
+    assert ex.kind.value == "image" and "uploaded image" in ex.status.value
+    assert ex._last["a"].table["row"].tolist() == Q.search(dcmfg_run, item=dcmfg_run.dataset.ids[i], against="texts",
+                                                           top=4).table["row"].tolist()
+    assert ex.results.value.count('class="dcmfg-text-result"') == 4
+    ex.upload.value = ({"name": "notes.jpg", "type": "image/jpeg", "size": 3, "content": memoryview(b"abc"),
+                        "last_modified": datetime.now(timezone.utc)},)
+    assert X.ERROR_CLASS in ex.status.value and "notes.jpg: cannot read the image" in ex.status.value
     ex.text.value = "   "
     assert ex.results.value == ""
     ex.kind.value = "item"
