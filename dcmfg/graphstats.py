@@ -106,3 +106,22 @@ class GraphTally:
             res["attention_entropy"] = n["entropy"] / n["rows"]
             res["self_attention"] = n["self_alpha"] / n["rows"]
         return {prefix + k: float(v) for k, v in res.items()}
+
+
+def inference_report(bank, embedded: list[dict], rows=slice(None)) -> dict:
+    """The `graph` object of a report: `query_mutual_share` (share of the items `rows` of each embedding, both
+    modalities together, with at least one genuine mutual bank neighbour; a mean over the layers), the statistics
+    of the query step (every item embedded against the bank) and of the bank's own graph. Empty without a graph
+    (baselines, model.layers=0, graph.inference=none)."""
+    if bank is None or not all("mutual" in e for e in embedded) or not embedded:
+        return {}
+    step = GraphTally(shared_candidates=True)
+    for e in embedded:
+        step += e["graph"]
+    mutual = torch.cat([e["mutual"][rows] for e in embedded])
+    return {
+        "query_mutual_share": float(mutual.float().mean()),
+        "inference": bank.inference,
+        "query": step.summary(prefix=""),
+        "bank": {k.removeprefix("graph_"): v for k, v in bank.stats.items()},
+    }

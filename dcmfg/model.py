@@ -191,7 +191,7 @@ class DCMFG(nn.Module):
         return enc
 
     def _batch_graph(self, enc: dict, density: float = 1.0) -> G.BatchGraph:
-        tokens = G.Tokens(enc["regions"], enc["words"], enc["mask"]) if self.use_tokens else None
+        tokens = G.Tokens.unit(enc["regions"], enc["words"], enc["mask"]) if self.use_tokens else None
         raw = (enc["raw_img"], enc["raw_txt"]) if self.gcfg.relation == "static" else None
         return G.BatchGraph(self.gcfg, len(enc["p_img"]), tokens=tokens, raw=raw, centre=self.centre,
                             density=density, device=enc["p_img"].device)
@@ -248,7 +248,7 @@ class DCMFG(nn.Module):
         if mode == "none" or (mode == "bank" and not self.layers):
             return bank
         if self.use_tokens:
-            bank.tokens = G.Tokens(enc["regions"], enc["words"], enc["mask"])
+            bank.tokens = G.Tokens.unit(enc["regions"], enc["words"], enc["mask"])
         graph = self._batch_graph(enc, density)
         h = torch.cat([enc["p_img"], enc["p_txt"]])
         tally = GraphTally()
@@ -276,9 +276,10 @@ class DCMFG(nn.Module):
         """Embed items of one modality against the bank; chunks only bound memory (queries never interact).
 
         `exclude` (N,) long: per item, the bank node that is the item itself (-1 if none); neither it nor (with
-        graph.exclude_pair) its paired node is linked. Returns z, h, logits, `graph` (a GraphTally of the query
-        step) and with `return_attention`, per layer: query_index, bank_index (-1: self-loop), alpha (E, heads),
-        mutual (E,) bool (a genuine mutual edge; False for fallback edges and self-loops)."""
+        graph.exclude_pair) its paired node is linked. Returns z, h, logits; with a graph also `mutual` (N,) (share
+        of the graph's layers in which the item had >= 1 genuine mutual bank neighbour) and `graph` (a GraphTally
+        of the query step); with `return_attention`, per layer: query_index, bank_index (-1: self-loop), alpha
+        (E, heads), mutual (E,) bool (a genuine mutual edge; False for fallback edges and self-loops)."""
         key = "image" if modality == IMAGE else "text"
         n = len(feats[f"{key}_global"])
         tally = GraphTally(shared_candidates=True)
@@ -308,8 +309,8 @@ class DCMFG(nn.Module):
             return self._heads(h), []
         tokens = None
         if self.use_tokens:
-            tokens = (G.Tokens(self.tok_img(part["image_regions"]), None, None) if is_img
-                      else G.Tokens(None, self.tok_txt(part["text_words"]), part["text_mask"]))
+            tokens = (G.Tokens.unit(regions=self.tok_img(part["image_regions"])) if is_img
+                      else G.Tokens.unit(words=self.tok_txt(part["text_words"]), mask=part["text_mask"]))
         graph = G.BankGraph(self.gcfg, bank, modality, tokens=tokens, raw=g if self.gcfg.relation == "static" else None,
                             centre=self.centre, exclude=exclude)
         if mode == "smooth":
@@ -318,11 +319,16 @@ class DCMFG(nn.Module):
             src, dst = edges.index[:, ~edges.self_loop]
             total = torch.zeros_like(h).index_add_(0, dst, graph.sources(0, h, edges)[src])
             count = torch.bincount(dst, minlength=len(h)).clamp(min=1)
-            return self._heads(h + total / count[:, None]), []
+            return {**self._heads(h + total / count[:, None]), "mutual": _has_mutual([edges], len(h))}, []
         h, trace = self.propagate(h, graph, tally)
         attention = [{"query_index": s.edges.index[1], "bank_index": graph.bank_index(s.edges), "alpha": s.alpha,
                       "mutual": s.edges.mutual} for s in trace]
-        return self._heads(h), attention
+        return {**self._heads(h), "mutual": _has_mutual([s.edges for s in trace], len(h))}, attention
+
+
+def _has_mutual(steps: list[G.Edges], n: int) -> torch.Tensor:
+    """(n,) share of the steps in which each target had at least one genuine mutual neighbour."""
+    return torch.stack([torch.bincount(e.index[1][e.mutual], minlength=n) > 0 for e in steps]).float().mean(0)
 
 
 # ---------------------------------------------------------------------------------------------- weights on disk

@@ -245,7 +245,7 @@ def test_edge_alignment_is_zero_on_same_modality_edges_and_matches_dense():
     g = torch.Generator().manual_seed(2)
     r, w = torch.randn(6, 4, 8, generator=g), torch.randn(6, 5, 8, generator=g)
     m = torch.ones(6, 5, dtype=torch.bool)
-    e = G.BatchGraph(_cfg(k=3, relation="knn"), 6, tokens=G.Tokens(r, w, m)).edges(0, h)
+    e = G.BatchGraph(_cfg(k=3, relation="knn"), 6, tokens=G.Tokens.unit(r, w, m)).edges(0, h)
     assert bool((e.align[~e.cross] == 0).all())
     dense = G.alignment_matrix_dense(r, w, m)
     src, dst = e.index[:, e.cross]
