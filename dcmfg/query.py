@@ -187,18 +187,20 @@ def read_image(path):
             return im.convert("RGB")
     except FileNotFoundError:
         raise QueryError(f"{path}: cannot read the query image (file not found)") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise QueryError(f"{path}: cannot read the query image (not an image or corrupt: {exc})") from None
+    except UnidentifiedImageError:
+        raise QueryError(f"{path}: cannot read the query image (not an image file)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise QueryError(f"{path}: cannot read the query image (corrupt or truncated: {exc})") from None
 
 
-def image_query(run: Run, image) -> Query:
+def image_query(run: Run, image, label: str | None = None) -> Query:
     """An image query (a path, or a PIL image) encoded with the run's image backbone, regions and image size."""
     from PIL import Image
 
-    label = "uploaded image"
     if not isinstance(image, Image.Image):
-        label = str(image)
+        label = label or str(image)
         image = read_image(image)
+    label = label or "uploaded image"
     f = run.cfg.features
     out = _image_encoder(f.image_backbone, int(f.regions), int(f.image_size)).encode([image.convert("RGB")])
     feats = {"image_global": _as_cached(out.globals), "image_regions": _as_cached(out.tokens)}
@@ -282,23 +284,29 @@ def search(run: Run | str | Path, *, text: str | None = None, image=None, item: 
     from dcmfg.evaluate import codes
     from dcmfg.search import topk_stable
 
-    run = run if isinstance(run, Run) else cached_run(run)
     if sum(x is not None for x in (text, image, item)) != 1:
         raise QueryError("give exactly one query: a text, an image or a dataset item")
+    # what can be checked without the run first: loading it takes seconds
+    if text is not None and not text.strip():
+        raise QueryError("the query text is empty: type at least one word")
+    image_label = str(image) if isinstance(image, (str, Path)) else "uploaded image"
+    if isinstance(image, (str, Path)):
+        image = read_image(image)
     if against is not None and against not in AGAINST:
         raise QueryError(f"against must be 'images' or 'texts', got {against!r}")
-    distance = distance or run.cfg.eval.distance
-    if distance not in ("cosine", "hamming"):
+    if distance not in (None, "cosine", "hamming"):
         raise QueryError(f"distance must be 'cosine' or 'hamming', got {distance!r}")
-    if distance == "hamming" and not run.has_hash():
-        raise QueryError(f"{run.name} has no hash head: rank by cosine")
     if top < 1:
         raise QueryError(f"top must be >= 1, got {top}")
+    run = run if isinstance(run, Run) else cached_run(run)
+    distance = distance or run.cfg.eval.distance
+    if distance == "hamming" and not run.has_hash():
+        raise QueryError(f"{run.name} has no hash head: rank by cosine")
 
     if text is not None:
         query = text_query(run, text)
     elif image is not None:
-        query = image_query(run, image)
+        query = image_query(run, image, image_label)
     else:
         if item_modality is None:
             modality = TEXT if (against or "images") == "images" else IMAGE
