@@ -359,7 +359,11 @@ class Explorer:
                            continuous_update=False, layout=W.Layout(width="420px"))
         self.text.add_class("dcmfg-query-text")
         self.upload = W.FileUpload(accept="image/*", multiple=False, description="image")
-        self.item = W.Text(value="", placeholder="dataset item id", description="item", continuous_update=False)
+        # suggestions: the query split of the first run (items none of the runs was trained on)
+        first = Q.cached_run(self.runs[names[0]])
+        suggest = [str(first.dataset.ids[int(i)]) for i in first.data.part("query")[:2000]]
+        self.item = W.Combobox(value="", options=suggest, placeholder="dataset item id (query split suggested)",
+                               description="item", ensure_option=False, continuous_update=False)
         self.against = W.ToggleButtons(options=["auto", "images", "texts"], value="auto", description="against")
         self.distance = W.ToggleButtons(options=["cosine", "hamming"], value="cosine", description="ranking")
         self.top = W.IntSlider(value=top, min=1, max=50, description="top")

@@ -291,3 +291,6 @@ def test_live_explorer_updates_on_a_new_text_and_shows_errors(dcmfg_run, linear_
     ex.kind.value = "item"
     ex.item.value = "no-such-id"
     assert X.ERROR_CLASS in ex.status.value and "no item 'no-such-id'" in html.unescape(ex.status.value)
+    assert ex.item.options[0] == dcmfg_run.dataset.ids[int(dcmfg_run.data.part("query")[0])]  # query split suggested
+    ex.item.value = ex.item.options[0]
+    assert X.ERROR_CLASS not in ex.status.value and len(re.findall(r"&#1000[37];", ex.results.value)) == 4
