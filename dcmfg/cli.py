@@ -1,4 +1,8 @@
-"""The `dcmfg` command. Thin: each command module adds its own sub-commands with `register(subparsers)`."""
+"""The `dcmfg` command. Thin: it defines every command's arguments and imports the module that runs a command only
+when that command runs, so `dcmfg --help` and argument errors answer without importing torch.
+
+Exit codes: 0 done, 2 a user error (one line naming the file, option or value), 130 interrupted (Ctrl-C).
+"""
 
 from __future__ import annotations
 
@@ -6,34 +10,102 @@ import argparse
 import importlib
 import sys
 
-# Modules that contribute sub-commands, in the order `dcmfg --help` lists them.
-COMMAND_MODULES = [
-    "dcmfg.data.cli",  # dcmfg data info | split | fetch
-    "dcmfg.features",  # dcmfg features extract
-    "dcmfg.train",  # dcmfg train
-    "dcmfg.evaluate",  # dcmfg evaluate
-    "dcmfg.study",  # dcmfg study run
-]
+DEVICE_HELP = "auto (CUDA when present, else CPU; default), cpu, cuda or cuda:N"
+
+
+def _set_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a config value, e.g. {what} (repeatable; values parsed as YAML)")
+
+
+def _add_features(sub) -> None:
+    p = sub.add_parser("features", help="extract and cache backbone features")
+    fs = p.add_subparsers(dest="features_command", required=True)
+    e = fs.add_parser("extract", help="extract (or load from cache) the features of a dataset")
+    e.add_argument("--dataset", required=True, help="dataset name (mirflickr25k, nuswide, mscoco, manifest, ...)")
+    e.add_argument("--root", default=None, help="dataset folder")
+    e.add_argument("--config", default=None, help="a run config (YAML) whose features section to use")
+    _set_option(e, "--set features.regions=2")
+    e.add_argument("--cache-root", default=None, help="features cache folder (default: $DCMFG_CACHE/features)")
+    e.add_argument("--device", default="auto", help=DEVICE_HELP)
+    e.set_defaults(handler="dcmfg.features:run_command", needs_config=True)
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model; ends with report.json on the query split")
+    p.add_argument("--config", default=None, help="YAML config (configs/dcmfg.yaml, linear, dcmh, dcmht)")
+    _set_option(p, "--set graph.k=8")
+    p.add_argument("--out", default=None, help="run folder (default: under DCMFG_CACHE/runs)")
+    p.add_argument("--device", default=None, help=DEVICE_HELP + "; default: the config's train.device")
+    p.add_argument("--no-resume", action="store_true", help="do not resume OUT/last (refused if OUT holds a run)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in OUT (checkpoints, metrics, report)")
+    p.set_defaults(handler="dcmfg.train:run_command", needs_config=True)
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="evaluate a trained checkpoint; writes a JSON report")
+    p.add_argument("--checkpoint", required=True, help="run folder (uses its best/) or a checkpoint folder")
+    p.add_argument("--split", default="query", choices=("query", "val"))
+    p.add_argument("--out", default=None, help="report path (default RUN/evaluate_<split>.json)")
+    _set_option(p, "eval.distance=hamming or graph.inference=transductive")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.set_defaults(handler="dcmfg.evaluate:run_command")
+
+
+def _add_study(sub) -> None:
+    p = sub.add_parser("study", help="run the study notebooks and build the book")
+    ss = p.add_subparsers(dest="study_command", required=True)
+    r = ss.add_parser("run", help="execute notebooks/ with papermill, then jupyter-book build")
+    r.add_argument("--params", default="full", help="parameter set name (quick, full) or a YAML file (default: full)")
+    r.add_argument("--out-book", default=None, help="book folder to fill and build (default: the repo's book/)")
+    r.add_argument("--skip-build", action="store_true", help="run the notebooks only")
+    r.add_argument("--only", nargs="*", metavar="NOTEBOOK", help="run only these notebooks (e.g. 03-training)")
+    r.add_argument("--device", default=None, help=DEVICE_HELP + "; default: the parameter set's, else auto")
+    r.set_defaults(handler="dcmfg.study:run_command")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dcmfg.data.cli import register as register_data  # light: no torch
+
     parser = argparse.ArgumentParser(
         prog="dcmfg", description="Cross-modal image-text retrieval with mutual-kNN dynamic graph networks (DCMFG)."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    register_data(sub)
+    for add in (_add_features, _add_train, _add_evaluate, _add_study):
+        add(sub)
     return parser
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except Exception as exc:  # user-facing errors: one clear line, not a traceback
-        from dcmfg.errors import is_user_error
+def _precheck(args) -> None:
+    """Checks that need no torch, before the command's module is imported: config files and values, devices."""
+    from dcmfg.device import check_device_spec
 
+    if getattr(args, "device", None):
+        check_device_spec(args.device)
+    if getattr(args, "needs_config", False):
+        from dcmfg.config import load_config
+
+        load_config(args.config, args.overrides)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from dcmfg.errors import Interrupted, is_user_error
+
+    try:
+        _precheck(args)
+        if hasattr(args, "handler"):
+            module, name = args.handler.split(":")
+            return int(getattr(importlib.import_module(module), name)(args) or 0)
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("dcmfg: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # user-facing errors: one clear line, not a traceback
+        if isinstance(exc, Interrupted):
+            print(f"dcmfg: {exc}", file=sys.stderr)
+            return 130
         if is_user_error(exc):
             print(f"dcmfg: error: {exc}", file=sys.stderr)
             return 2

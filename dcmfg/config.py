@@ -1,12 +1,16 @@
-"""One config tree for training and evaluation: dataclasses, YAML in, `--set a.b=c` overrides.
+"""One config tree for everything a run depends on: data, features, graph, model, losses, training, evaluation.
 
-Every choice method.md leaves open is a field here, so that ablations are config changes, not code changes.
+Dataclasses with the shipped defaults (equal to configs/dcmfg.yaml), YAML in, `--set a.b=c` overrides, and every
+value checked (type, allowed choices, range) when the config is loaded, before any data is read. Every choice
+method.md leaves open is a field here, so that ablations are config changes, not code changes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -22,9 +26,11 @@ class DataConfig:
     root: str | None = None  # may be omitted for "synthetic"
     split: str | None = None  # split file; None = make a seeded random split and save it into the run folder
     options: dict = field(default_factory=dict)  # passed to load_dataset (e.g. n, seed for synthetic)
+    # How a fresh split is drawn when `split` is None (see data.md): sizes are counts (int) or fractions (float).
     protocol: str = "random"
-    query: float = 0.2
-    val: float = 0.1
+    query: float | int = 0.2
+    val: float | int = 0.1  # of the training pool
+    train: float | int | None = None  # the training pool; None: the protocol's default (all of the database)
 
 
 @dataclass
@@ -44,7 +50,7 @@ class FeatureConfig:
 class GraphConfig:
     relation: str = "mutual"  # mutual | knn | static
     k: int = 8
-    cross_modal_only: bool = False
+    cross_modal_only: bool = True  # see configs/dcmfg.yaml: the modality gap leaves plain kNN without cross edges
     # Extra cross-modal neighbours (0 = none): the union with the mutual-kNN edges among the other modality's nodes
     # only, with this k. Without it the modality gap (image-image and text-text cosines far above image-text)
     # leaves a plain kNN graph with hardly any cross-modal edge, and the alignment term never acts.
@@ -54,7 +60,14 @@ class GraphConfig:
     # Drop the edge between an item's image and its own text in training and bank graphs: a query never has its
     # partner in the bank, so a model trained with that edge would learn to copy from a neighbour it lacks later.
     exclude_pair: bool = True
-    inference: str = "bank"  # bank (inductive) | transductive (adds separate re-ranked numbers to the report)
+    # Relations that work across the modality gap (method.md section 9; each measured in the graph chapter):
+    hubness: str = "none"  # none | csls: rank candidates by 2cos(x, y) - r(x) - r(y), r = mean cosine to k nearest
+    centre: bool = False  # subtract each modality's running mean (training data, saved with the weights) first
+    reverse_ratio: float = 1.0  # relaxed mutuality: j -> i iff j in kNN_k(i) and i in kNN_k'(j), k' = ratio * k
+    bank_density: str = "same"  # same | matched: k' scaled by bank size / batch size in the bank's mutual test
+    # bank: the learned layers over the bank graph | none: no graph at inference (same weights) | smooth: no learned
+    # layer, projection + mean of the bank neighbours' projections | transductive: bank, plus separate re-ranked numbers
+    inference: str = "bank"
 
 
 @dataclass
@@ -68,7 +81,9 @@ class ModelConfig:
     token_dim: int = 128  # region/word tokens are projected to this width for the alignment score
     hash_bits: int = 64
     dropout: float = 0.1
-    num_labels: int = 0  # filled from the dataset at train time
+    # Weight of the region-word alignment score in the attention logits (attention: alignment). A fixed value: a
+    # learned per-head scale never moved from its start (5.0 +- 0.01 over 40 epochs, measured), so it is a setting.
+    align_scale: float = 5.0
 
 
 @dataclass
@@ -102,7 +117,7 @@ class TrainConfig:
     amp: bool = False  # mixed precision (autocast) for training on CUDA; CPU runs stay float32 and deterministic
     threads: int = 0  # torch threads; 0 = leave torch's default
     progress: bool = True
-    select_metric: str = "map_mean"  # validation mAP@all mean of both directions
+    select_metric: str = "map_mean"  # validation mAP@all that selects the checkpoint: map_mean | map_i2t | map_t2i
 
 
 @dataclass
@@ -131,14 +146,56 @@ class Config:
 
 # Values a switch may take: checked once at load time so a typo fails before any work is done.
 CHOICES = {
+    "data.protocol": ("random", "dcmh", "dcmht", "class_balanced"),
+    "features.on_corrupt": ("skip", "fail"),
     "graph.relation": ("mutual", "knn", "static"),
     "graph.fallback": ("nearest", "none"),
-    "graph.inference": ("bank", "transductive"),
+    "graph.inference": ("bank", "none", "smooth", "transductive"),
+    "graph.hubness": ("none", "csls"),
+    "graph.bank_density": ("same", "matched"),
     "model.attention": ("alignment", "gatv2", "none"),
     "loss.positives": ("label", "pair"),
     "loss.similarity_kind": ("likelihood", "margin"),
+    "train.select_metric": ("map_mean", "map_i2t", "map_t2i"),
     "eval.distance": ("cosine", "hamming"),
 }
+
+# Ranges: (lowest allowed, highest allowed or None, whether the lowest itself is allowed). Rates and weights must
+# also be finite. Checked at load time, so `train.epochs=0` fails in a second, not after the data is loaded.
+RANGES = {
+    "features.regions": (1, None, True),
+    "features.max_words": (1, None, True),
+    "features.image_size": (14, None, True),
+    "features.batch_size": (1, None, True),
+    "features.workers": (0, None, True),
+    "graph.k": (1, None, True),
+    "graph.cross_k": (0, None, True),
+    "graph.reverse_ratio": (1.0, None, True),
+    "model.dim": (1, None, True),
+    "model.hidden": (1, None, True),
+    "model.layers": (0, None, True),
+    "model.heads": (1, None, True),
+    "model.token_dim": (1, None, True),
+    "model.hash_bits": (1, None, True),
+    "model.dropout": (0.0, 1.0, True),
+    "model.align_scale": (0.0, None, True),
+    "loss.temperature": (0.0, None, False),
+    "loss.alignment_batch": (1, None, True),
+    "train.epochs": (1, None, True),
+    "train.batch_size": (2, None, True),
+    "train.lr": (0.0, None, False),
+    "train.weight_decay": (0.0, None, True),
+    "train.warmup_epochs": (0, None, True),
+    "train.patience": (1, None, True),
+    "train.grad_clip": (0.0, None, True),
+    "train.threads": (0, None, True),
+}
+# Every loss weight is >= 0 (0 switches the term off).
+LOSS_WEIGHTS = ("contrastive", "contrastive_pre", "similarity", "label", "hash_contrastive", "alignment",
+                "quantization", "balance", "margin")
+
+# Settings that change how a run is shown, not what it computes: left out of the run's identity (config_digest).
+PRESENTATION = {("train", "progress"), ("train", "threads")}
 
 
 def _build(cls, values: dict, prefix: str):
@@ -163,13 +220,14 @@ def _dataclass_type(f: dataclasses.Field):
     return type(default) if dataclasses.is_dataclass(default) else None
 
 
-def _check(cfg: Config) -> Config:
-    for dotted, allowed in CHOICES.items():
-        section, key = dotted.split(".")
-        value = getattr(getattr(cfg, section), key)
-        if value not in allowed:
-            raise ConfigError(f"config {dotted}={value!r} is not one of {', '.join(allowed)}")
-    # Types of scalar fields: a YAML typo like `k: eight` should fail here, not deep inside a layer.
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_types(cfg: Config) -> None:
+    """Scalar types against the defaults: a YAML typo like `k: eight` fails here, not deep inside a layer."""
+    if not _is_int(cfg.seed):
+        raise ConfigError(f"config seed={cfg.seed!r} must be an integer")
     for section in dataclasses.fields(cfg):
         obj = getattr(cfg, section.name)
         if not dataclasses.is_dataclass(obj):
@@ -177,25 +235,67 @@ def _check(cfg: Config) -> Config:
         ref = type(obj)()
         for f in dataclasses.fields(obj):
             want, got = getattr(ref, f.name), getattr(obj, f.name)
+            name = f"{section.name}.{f.name}"
             if isinstance(want, bool) and not isinstance(got, bool):
-                raise ConfigError(f"config {section.name}.{f.name}={got!r} must be true or false")
-            if isinstance(want, int) and not isinstance(want, bool) and not (isinstance(got, int) and not isinstance(got, bool)):
-                raise ConfigError(f"config {section.name}.{f.name}={got!r} must be an integer")
-            if isinstance(want, float) and isinstance(got, str):
-                try:  # YAML 1.1 reads 1e-4 (no dot) as a string
-                    got = float(got)
-                except ValueError:
-                    pass
-            if isinstance(want, float):
+                raise ConfigError(f"config {name}={got!r} must be true or false")
+            if _is_int(want) and not _is_int(got):
+                raise ConfigError(f"config {name}={got!r} must be an integer")
+            if isinstance(want, float) and f.type in ("float", float):
+                if isinstance(got, str):
+                    try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+                        got = float(got)
+                    except ValueError:
+                        pass
                 if isinstance(got, bool) or not isinstance(got, (int, float)):
-                    raise ConfigError(f"config {section.name}.{f.name}={got!r} must be a number")
+                    raise ConfigError(f"config {name}={got!r} must be a number")
                 setattr(obj, f.name, float(got))
             if isinstance(want, str) and not isinstance(got, str):
-                raise ConfigError(f"config {section.name}.{f.name}={got!r} must be a string")
-    if cfg.graph.k < 1:
-        raise ConfigError(f"config graph.k={cfg.graph.k} must be >= 1")
-    if cfg.model.dim % max(cfg.model.heads, 1):
+                raise ConfigError(f"config {name}={got!r} must be a string")
+            if isinstance(want, dict) and not isinstance(got, dict):
+                raise ConfigError(f"config {name}={got!r} must be a mapping")
+
+
+def _check_size(name: str, value) -> None:
+    """A split size (data.query / val / train), by the rules of the split module (one home for them)."""
+    from dcmfg.data.splits import size_problem
+
+    problem = size_problem(name.split(".")[1], value)
+    if problem:
+        raise ConfigError(f"config {name}={value!r} {problem}")
+
+
+def _check(cfg: Config) -> Config:
+    _check_types(cfg)
+    for dotted, allowed in CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            raise ConfigError(f"config {dotted}={value!r} is not one of {', '.join(allowed)}")
+    for dotted, (low, high, inclusive) in RANGES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config {dotted}={value!r} must be a finite number")
+        if value < low or (value == low and not inclusive) or (high is not None and value > high):
+            bound = f">= {low}" if inclusive else f"> {low}"
+            raise ConfigError(f"config {dotted}={value!r} must be {bound}" + (f" and <= {high}" if high is not None else ""))
+    for key in LOSS_WEIGHTS:
+        value = getattr(cfg.loss, key)
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"config loss.{key}={value!r} must be a finite number >= 0")
+    if cfg.model.dim % cfg.model.heads:
         raise ConfigError(f"config model.dim={cfg.model.dim} must be divisible by model.heads={cfg.model.heads}")
+    for part in ("query", "val", "train"):
+        _check_size(f"data.{part}", getattr(cfg.data, part))
+    if cfg.eval.chunk_size is not None and (not _is_int(cfg.eval.chunk_size) or cfg.eval.chunk_size < 1):
+        raise ConfigError(f"config eval.chunk_size={cfg.eval.chunk_size!r} must be null or an integer >= 1")
+    for name in ("root", "split"):
+        value = getattr(cfg.data, name)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"config data.{name}={value!r} must be a path (a string) or null")
+    from dcmfg.device import check_device_spec
+
+    cfg.train.device = check_device_spec(cfg.train.device)
     return cfg
 
 
@@ -203,24 +303,39 @@ def config_from_dict(values: dict | None) -> Config:
     return _check(_build(Config, dict(values or {}), ""))
 
 
-def apply_overrides(values: dict, overrides: Iterable[str]) -> dict:
-    """`a.b=c` strings onto a nested dict; c is parsed as a YAML scalar (so 8 is int, true is bool, null is None)."""
+def parse_assignment(item: str, option: str = "--set") -> tuple[str, object]:
+    """'a.b=c' -> ('a.b', c), c parsed as a YAML scalar (8 is an int, true a bool, null None, [0, 1] a list).
+    The one KEY=VALUE parser of the project (config overrides, dataset options, study settings)."""
+    if not isinstance(item, str) or "=" not in item:
+        raise ConfigError(f"{option} {item!r}: expected KEY=VALUE, e.g. {option} graph.k=8")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"{option} {item!r}: the key before '=' is empty")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{option} {item!r}: value is not valid YAML ({exc})") from None
+    return key, value
+
+
+def set_dotted(values: dict, dotted: str, value) -> None:
+    """values["a"]["b"] = value for dotted "a.b", creating sections as needed (in place)."""
+    node = values
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part, {}), dict):
+            raise ConfigError(f"{dotted}={value!r}: {part!r} is a value, not a section")
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def apply_overrides(values: dict, overrides: Iterable[str] | dict = ()) -> dict:
+    """`a.b=c` strings (or a {dotted: value} mapping) onto a deep copy of a nested dict."""
     values = json.loads(json.dumps(values))  # deep copy
-    for item in overrides or ():
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set graph.k=8")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from None
-        node = values
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part, {}), dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
+    pairs = overrides.items() if isinstance(overrides, dict) else (parse_assignment(o) for o in overrides or ())
+    for key, value in pairs:
+        set_dotted(values, key, value)
     return values
 
 
@@ -245,3 +360,12 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 
 def config_from_json(text: str) -> Config:
     return config_from_dict(json.loads(text))
+
+
+def config_digest(cfg: Config) -> str:
+    """A short hash of what a run computes (its config minus presentation settings such as progress bars): the
+    same digest means the same numbers on the same split, so a finished run can be reused instead of retrained."""
+    values = cfg.to_dict()
+    for section, key in PRESENTATION:
+        values[section].pop(key, None)
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]

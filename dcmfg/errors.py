@@ -11,6 +11,10 @@ class ConfigError(DcmfgError, ValueError):
     """A config key that does not exist, a value of the wrong type, an incompatible checkpoint."""
 
 
+class Interrupted(DcmfgError):
+    """Ctrl-C: the command stops with one line saying what was kept (exit code 130)."""
+
+
 def is_user_error(exc: BaseException) -> bool:
     from dcmfg.data.base import DatasetError
 

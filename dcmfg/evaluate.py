@@ -2,95 +2,28 @@
 
 `evaluate(checkpoint_dir, split="query") -> dict` is the Python API; `dcmfg evaluate --checkpoint RUN --split query`
 the command. Both write a JSON report, `RUN/evaluate_<split>.json` unless told otherwise (train's own
-`report.json` is never overwritten).
+`report.json` is never overwritten). A run is always scored on the split copy it keeps in its folder.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dcmfg.config import Config, config_from_json
+from dcmfg.bundle import DataBundle, load_data, take
+from dcmfg.config import Config, apply_overrides, config_from_dict
 from dcmfg.errors import ConfigError, DcmfgError
-from dcmfg.fileio import write_text_atomic
-
+from dcmfg.fileio import read_json, write_text_atomic
 from dcmfg.modality import IMAGE, TEXT
 
-FEATURE_KEYS = ("image_global", "image_regions", "text_global", "text_words", "text_mask")
-
-
-# ---------------------------------------------------------------------------------------------- data
-
-
-@dataclass
-class DataBundle:
-    """What training and evaluation read: dataset, split, cached features and labels (all items)."""
-
-    dataset: object
-    split: object
-    feats: dict  # FEATURE_KEYS -> tensors over all items (float16 on disk; converted per batch)
-    labels: torch.Tensor  # (N, C) float32
-    valid: torch.Tensor  # (N,) bool: items whose features could be extracted
-    feature_key: str = ""
-
-    def part(self, name: str) -> np.ndarray:
-        """A split part's indices, minus items without features (a corrupt image skipped at extraction)."""
-        idx = np.asarray(self.split[name], dtype=np.int64)
-        return idx[self.valid.numpy()[idx]]
-
-
-def load_data(cfg: Config, run_dir: Path | None = None) -> DataBundle:
-    """Dataset + split (file from config, or the run's own, or a fresh seeded one saved into the run folder)
-    + features (extracted on first use, cached under DCMFG_CACHE)."""
-    from dcmfg.data import load_dataset
-    from dcmfg.data.splits import load_split, make_split, save_split
-    from dcmfg.features import extract_features
-
-    d = cfg.data
-    if d.name != "synthetic" and d.root is None:
-        raise ConfigError(f"data.root is not set for dataset {d.name!r}; pass --set data.root=PATH")
-    dataset = load_dataset(d.name, d.root, **(d.options or {}))
-    own = Path(run_dir) / "split.json" if run_dir is not None else None
-    if d.split:
-        split = load_split(d.split, dataset)
-    elif own is not None and own.is_file():
-        split = load_split(own, dataset)
-    else:
-        split = make_split(dataset, protocol=d.protocol, query=d.query, val=d.val, seed=cfg.seed)
-        if own is not None:
-            save_split(split, own)
-    fs = extract_features(dataset, cfg.features, progress=cfg.train.progress)
-    feats = {k: torch.as_tensor(getattr(fs, k)) for k in FEATURE_KEYS}
-    valid = torch.as_tensor(fs.valid).bool()
-    labels = torch.as_tensor(np.asarray(dataset.labels), dtype=torch.float32)
-    return DataBundle(dataset, split, feats, labels, valid, str(getattr(fs, "key", "")))
-
-
-def word_limit(feats: dict, idx) -> int:
-    """Word slots actually used by items `idx` (tags are short: most of the max_words slots are padding)."""
-    idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
-    used = feats["text_mask"][idx].any(0).nonzero()
-    return int(used.max()) + 1 if len(used) else 1
-
-
-def take(feats: dict, idx, device="cpu", words: int | None = None) -> dict:
-    """Rows `idx` of every feature tensor, as float32 (masks as bool) on `device`; word slots trimmed to
-    `words` (default: the last slot any of these items uses), which changes no result and saves most compute."""
-    words = word_limit(feats, idx) if words is None else words
-    idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
-    out = {}
-    for k, v in feats.items():
-        t = v[idx]
-        if k in ("text_words", "text_mask"):
-            t = t[:, :words]
-        out[k] = t.to(device=device, dtype=torch.bool if k == "text_mask" else torch.float32)
-    return out
+# What every report holds beside mAP@all: mAP@K under both denominators of metrics.md (the literature's `retrieved`
+# variant included, so a reader sees how much the choice moves a number), P/R/NDCG at the default Ks.
+REPORT_OPTIONS = {"map_k": (None, 50, 100, 500, 1000, 5000), "denominators": ("relevant", "retrieved")}
 
 
 # ---------------------------------------------------------------------------------------------- embedding
@@ -123,14 +56,15 @@ def transductive_refine(zq: torch.Tensor, zdb: torch.Tensor, k: int, temperature
     """Transductive re-ranking (reported separately, never mixed with inductive numbers): one parameter-free
     propagation over the mutual-kNN graph of queries + database; each node becomes the attention-weighted mean
     of itself and its mutual neighbours. Unlike the inductive mode, a query's result depends on the others."""
+    from torch_geometric.utils import scatter, softmax
+
     from dcmfg import search
-    from torch_geometric.utils import softmax
 
     x = F.normalize(torch.cat([zq, zdb]).float(), dim=1)
     edges = search.mutual_knn_edges(x, k, relation="mutual", fallback="nearest", self_loops=True)
     src, dst = edges
     w = softmax((x[src] * x[dst]).sum(1) / temperature, dst, num_nodes=len(x))
-    out = torch.zeros_like(x).index_add_(0, dst, x[src] * w[:, None])
+    out = scatter(x[src] * w[:, None], dst, dim=0, dim_size=len(x), reduce="sum")
     out = F.normalize(out, dim=1)
     return out[: len(zq)], out[len(zq) :]
 
@@ -208,10 +142,12 @@ def retrieval_for_split(model, data: DataBundle, cfg: Config, split: str = "quer
     for dist in distances:
         qi, qt, di, dt = (codes(q["image"], dist), codes(q["text"], dist), codes(db["image"], dist), codes(db["text"], dist))
         if groups is None:
-            df = retrieval_report(qi, qt, di, dt, ql, dl, distance=dist, chunk_size=cfg.eval.chunk_size)
+            df = retrieval_report(qi, qt, di, dt, ql, dl, distance=dist, **REPORT_OPTIONS, chunk_size=cfg.eval.chunk_size)
         else:
-            i2t = retrieval_report(qi[rq], qt[rq], di, dt, ql[rq], dl, distance=dist, chunk_size=cfg.eval.chunk_size)
-            t2i = retrieval_report(qi, qt, di[rdb], dt[rdb], ql, dl[rdb], distance=dist, chunk_size=cfg.eval.chunk_size)
+            i2t = retrieval_report(qi[rq], qt[rq], di, dt, ql[rq], dl, distance=dist, **REPORT_OPTIONS,
+                                   chunk_size=cfg.eval.chunk_size)
+            t2i = retrieval_report(qi, qt, di[rdb], dt[rdb], ql, dl[rdb], distance=dist, **REPORT_OPTIONS,
+                                   chunk_size=cfg.eval.chunk_size)
             df = pd.concat([i2t[i2t["direction"] == "I->T"], t2i[t2i["direction"] == "T->I"]], ignore_index=True)
         frames.append(df)
         summaries[dist] = {k: _jsonable(v) for k, v in report_summary(df).items()}
@@ -259,69 +195,86 @@ def write_json_atomic(path: Path, obj) -> None:
     write_text_atomic(Path(path), json.dumps(_jsonable(obj), indent=1, sort_keys=True) + "\n")
 
 
-def load_checkpoint_model(path) -> tuple[torch.nn.Module, Config, dict]:
+def load_checkpoint_model(path, device="cpu") -> tuple[torch.nn.Module, Config, dict]:
     """A trained model from a checkpoint folder (or a run folder: its `best/` checkpoint)."""
+    from dcmfg.config import config_from_json
     from dcmfg.model import load_weights
     from dcmfg.registry import create_model
 
     path = Path(path)
+    if not path.is_dir():
+        raise DcmfgError(f"{path}: run or checkpoint folder not found")
     if (path / "best" / "model.safetensors").is_file():
         path = path / "best"
     for name in ("model.safetensors", "config.json", "meta.json"):
         if not (path / name).is_file():
             raise DcmfgError(f"{path}: not a dcmfg checkpoint ({name} missing)")
-    cfg = config_from_json((path / "config.json").read_text())
-    meta = json.loads((path / "meta.json").read_text())
+    try:
+        cfg = config_from_json((path / "config.json").read_text())
+    except ValueError as exc:
+        if isinstance(exc, ConfigError):
+            raise ConfigError(f"{path / 'config.json'}: {exc}") from None
+        raise ConfigError(f"{path / 'config.json'}: unreadable ({exc}); the checkpoint is damaged") from None
+    meta = read_json(path / "meta.json")
+    missing = [k for k in ("image_dim", "text_dim", "num_labels") if k not in meta]
+    if missing:
+        raise ConfigError(f"{path / 'meta.json'}: lacks {', '.join(missing)}; the checkpoint is damaged")
     model = create_model(cfg.model.name, cfg, meta["image_dim"], meta["text_dim"], meta["num_labels"])
     load_weights(model, path / "model.safetensors")
-    model.eval()
+    model.to(device).eval()
     return model, cfg, meta
 
 
-def evaluate(checkpoint_dir, split: str = "query", out: str | Path | None = None, overrides=()) -> dict:
-    """Evaluate a trained checkpoint on a split part (query | val); writes and returns the JSON report."""
-    from dcmfg.config import apply_overrides, config_from_dict
+def run_folder(checkpoint_dir) -> Path:
+    """The run folder of a run or checkpoint folder (`RUN/best` -> `RUN`)."""
+    path = Path(checkpoint_dir)
+    return path.parent if path.name in ("best", "last") else path
 
-    model, cfg, meta = load_checkpoint_model(checkpoint_dir)
+
+def load_run(checkpoint_dir, overrides=(), device="cpu") -> tuple[torch.nn.Module, Config, dict, DataBundle]:
+    """A trained run ready to score: its model, config (plus evaluation-side overrides), meta and data, the data
+    checked against what the run was trained on (dataset fingerprint, the run's own split copy)."""
+    model, cfg, meta = load_checkpoint_model(checkpoint_dir, device)
     if overrides:  # only evaluation-side switches make sense here (eval.*, graph.inference)
         cfg = config_from_dict(apply_overrides(cfg.to_dict(), overrides))
-    run_dir = Path(checkpoint_dir)
-    run_dir = run_dir.parent if run_dir.name in ("best", "last") else run_dir
-    data = load_data(cfg, run_dir)
+    data = load_data(cfg, run_folder(checkpoint_dir), device=device, write=False)
     if meta.get("dataset_fingerprint") and meta["dataset_fingerprint"] != data.dataset.fingerprint():
         raise ConfigError(
             f"{checkpoint_dir}: checkpoint was trained on dataset fingerprint {meta['dataset_fingerprint']}, "
             f"but {cfg.data.name} at {cfg.data.root} has {data.dataset.fingerprint()}"
         )
-    torch.set_grad_enabled(False)
-    try:
-        report = retrieval_for_split(model, data, cfg, split)
-    finally:
-        torch.set_grad_enabled(True)
+    if meta.get("split_sha256") and meta["split_sha256"] != data.split_sha256:
+        raise ConfigError(
+            f"{run_folder(checkpoint_dir) / 'split.json'}: the run's split copy has changed since training "
+            f"(sha256 {data.split_sha256[:12]}, trained on {meta['split_sha256'][:12]}); its scores would not be the run's"
+        )
+    return model, cfg, meta, data
+
+
+def evaluate(checkpoint_dir, split: str = "query", out: str | Path | None = None, overrides=(), device="cpu") -> dict:
+    """Evaluate a trained checkpoint on a split part (query | val); writes and returns the JSON report."""
+    from dcmfg.device import resolve_device
+
+    dev = resolve_device(device)
+    model, cfg, meta, data = load_run(checkpoint_dir, overrides, dev)
+    with torch.no_grad():
+        report = retrieval_for_split(model, data, cfg, split, dev)
     report["config"] = cfg.to_dict()
     report["checkpoint"] = str(checkpoint_dir)
     report["epoch"] = meta.get("epoch")
+    report["split_sha256"] = data.split_sha256
+    report["notes"] = list(data.notes)
     # not report.json: that one is train's own record (best epoch, validation score) and stays as written
-    out = Path(out) if out else run_dir / f"evaluate_{split}.json"
+    out = Path(out) if out else run_folder(checkpoint_dir) / f"evaluate_{split}.json"
     write_json_atomic(out, report)
     report["path"] = str(out)
     return report
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", help="evaluate a trained checkpoint; writes a JSON report")
-    p.add_argument("--checkpoint", required=True, help="run folder (uses its best/) or a checkpoint folder")
-    p.add_argument("--split", default="query", choices=("query", "val"))
-    p.add_argument("--out", default=None, help="report path (default RUN/evaluate_<split>.json)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="evaluation switches, e.g. eval.distance=hamming or graph.inference=transductive")
-    p.set_defaults(func=_cli)
-
-
-def _cli(args) -> int:
-    rep = evaluate(args.checkpoint, args.split, args.out, args.overrides)
+def run_command(args) -> int:
+    """`dcmfg evaluate` (the arguments are defined in dcmfg/cli.py)."""
+    rep = evaluate(args.checkpoint, args.split, args.out, args.overrides, args.device)
+    for note in rep["notes"]:
+        print(f"note: {note}")
     print(f"{rep['split']}: mAP@all I->T {rep['map_i2t']:.4f}  T->I {rep['map_t2i']:.4f}  ({rep['distance']})  -> {rep['path']}")
     return 0

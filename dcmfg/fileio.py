@@ -49,3 +49,15 @@ def file_sha256(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json(path):
+    """A JSON file the project wrote (config.json, meta.json, state.json, ...): a damaged one is one clear error."""
+    import json
+
+    from dcmfg.errors import ConfigError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: unreadable ({exc.__class__.__name__}: {exc}); the file is damaged") from None

@@ -83,3 +83,81 @@ def mean_std(values) -> str:
     """'0.7006 ± 0.0265' (sample std over seeds), or the single value when there is one."""
     v = np.asarray(values, dtype=float)
     return f"{v.mean():.4f} ± {v.std(ddof=1):.4f}" if len(v) > 1 else f"{v.mean():.4f}"
+
+
+# ---------------------------------------------------------------------------------------------- run tables
+# `reports` below are what dcmfg.study.Study.run returns: report.json plus label, model, seed, history, seconds.
+
+def runs_frame(reports: list[dict]) -> pd.DataFrame:
+    """One row per training run: headline mAP@all per direction (the model's own distance), both distances when
+    the model has a hash head, the selected epoch against the epochs run, and the cost."""
+    rows = []
+    for r in reports:
+        summ = r["summaries"]
+        rows.append({
+            "model": r.get("label", r["model"]), "seed": r["seed"], "distance": r["distance"],
+            "I->T": r["map_i2t"], "T->I": r["map_t2i"],
+            "cosine I->T": summ.get("cosine", {}).get("map_i2t"), "cosine T->I": summ.get("cosine", {}).get("map_t2i"),
+            "hamming I->T": summ.get("hamming", {}).get("map_i2t"), "hamming T->I": summ.get("hamming", {}).get("map_t2i"),
+            "best epoch": r["best_epoch"], "epochs run": len(r.get("history", [])), "val mAP": r["best_val"],
+            "seconds": r.get("seconds"), "CPU seconds": r.get("cpu_seconds"),
+        })
+    return pd.DataFrame(rows)
+
+
+def unconverged(reports: list[dict]) -> list[str]:
+    """Runs whose best validation epoch is their last one (still improving when the budget ended)."""
+    out = []
+    for r in reports:
+        hist = r.get("history", [])
+        stopped_early = r["best_epoch"] < len(hist)
+        if not stopped_early:
+            out.append(f"{r.get('label', r['model'])} seed {r['seed']} (best epoch {r['best_epoch']} of {len(hist)})")
+    return out
+
+
+def curves_frame(reports: list[dict]) -> pd.DataFrame:
+    """Validation curves: one row per run and epoch (loss, val mAP per direction, whether it is the best epoch)."""
+    rows = []
+    for r in reports:
+        for h in r.get("history", []):
+            rows.append({"model": r.get("label", r["model"]), "seed": r["seed"], "epoch": h["epoch"], "loss": h.get("loss"),
+                         "val mAP I->T": h["val_map_i2t"], "val mAP T->I": h["val_map_t2i"],
+                         "best": h["epoch"] == r["best_epoch"]})
+    return pd.DataFrame(rows)
+
+
+def records_frame(reports: list[dict]) -> pd.DataFrame:
+    """Every metric row of every run's report (metric, k, variant, distance, direction, value) with model and seed."""
+    frames = []
+    for r in reports:
+        f = pd.DataFrame(r["records"])
+        f.insert(0, "seed", r["seed"])
+        f.insert(0, "model", r.get("label", r["model"]))
+        frames.append(f)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def mean_std_wide(frame: pd.DataFrame, index: list[str], column: str = "direction", value: str = "value") -> pd.DataFrame:
+    """'mean ± std' over seeds, one row per `index` combination, one column per value of `column`."""
+    cell = frame.groupby(index + [column], sort=False, dropna=False)[value].agg(mean_std)
+    return cell.unstack(column).reset_index()
+
+
+def headline_pairs(reports: list[dict], reference: str, confidence: float = 0.95) -> pd.DataFrame:
+    """Paired mAP@all differences `reference - other` per direction and shared distance, with t intervals."""
+    rows = []
+    for r in reports:
+        for dist, summ in r["summaries"].items():
+            rows.append({"model": r.get("label", r["model"]), "seed": r["seed"], "distance": dist,
+                         "I->T": summ["map_i2t"], "T->I": summ["map_t2i"]})
+    frame = pd.DataFrame(rows)
+    if frame.empty or reference not in set(frame["model"]):
+        return pd.DataFrame()
+    table = paired_table(frame, arm="model", reference=reference, values=["I->T", "T->I"], group=["distance"],
+                         confidence=confidence)
+    if table.empty:
+        return table
+    table["difference [95% t interval]"] = [format_interval(r) for r in table.to_dict("records")]
+    return table.rename(columns={"value": "direction", "n": "seeds"})[
+        ["comparison", "distance", "direction", "difference [95% t interval]", "seeds", "verdict"]]

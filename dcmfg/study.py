@@ -1,14 +1,33 @@
-"""The study: run the notebooks in order with papermill, then build the Jupyter Book from their outputs.
+"""The study: notebooks that each compute what they need, and the runner that executes them into the book.
 
-`dcmfg study run [--params quick|full|FILE.yaml] [--out-book DIR] [--skip-build]`. A parameter set is a YAML file
-with a `common:` mapping (passed to every notebook that declares the name in its `parameters` cell) and a
-`notebooks:` mapping of per-notebook overrides. Named sets resolve to `configs/study-<name>.yaml`.
-Notebooks also run on their own (`papermill notebooks/01-data.ipynb out.ipynb -p dataset synthetic`, or in
-JupyterLab): every path they use comes from a parameter with a default computed by the helpers below.
+A notebook starts with three cells:
+
+    from typing import Optional                 # 1. (hidden) remembers which names exist before the parameters
+    from dcmfg import study
+    _before = set(globals())
+    dataset: str = "auto"  # ...                # 2. the `parameters` cell: annotated assignments
+    s = study.start(globals(), _before)         # 3. checks every parameter (name, type) before any work
+
+and then asks `s` for what it needs: `s.load_dataset()`, `s.split_file(seed)`, `s.features()`, `s.run(model, seed)`,
+`s.runs(models)`. Each is produced on demand and cached by content under the cache dir (split files by dataset
+fingerprint, protocol, sizes and seed; features by their settings; runs by config digest and split bytes), so a
+notebook run alone, in any order, with any parameters, gives the same numbers as inside the full study, and a
+rerun only computes what changed. No notebook reads a file that another notebook writes.
+
+Parameters shared by the notebooks (a notebook declares those it uses): the data (`dataset`, `data_root`,
+`synthetic_n`, `synthetic_seed`), the split protocol (`split_protocol`, `query`, `val`, `train`, `seeds`), the
+training budget (`epochs`, `patience`), `settings` (dotted config values for every run and for the features, e.g.
+{"features.regions": 2}) and `device`.
+
+The runner: `dcmfg study run [--params quick|full|FILE.yaml]` executes notebooks/ with papermill into
+book/chapters/ and builds the Jupyter Book. A parameter set is a YAML file with a `common:` mapping (passed to every
+notebook that declares the name) and a `notebooks:` mapping of per-notebook values; named sets resolve to
+configs/study-<name>.yaml.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -16,6 +35,8 @@ import shutil
 import subprocess
 import sys
 import time
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,91 +46,91 @@ from dcmfg.errors import ConfigError, DcmfgError
 from dcmfg.fileio import write_text_atomic
 from dcmfg.paths import cache_dir, data_dir
 
-# Run order: each notebook reads what the earlier ones wrote under work_dir.
-NOTEBOOKS = [
-    "01-data",
-    "02-features",
-    "03-training",
-    "04-benchmark",
-    "06-ablations",
-    "07-interpretability",
-    "08-scaling",
-    "09-comparison",
-    "11-reproducibility",
-]
-
 
 def repo_dir() -> Path:
     """The source checkout (configs/, notebooks/, book/ live here)."""
     return Path(__file__).resolve().parents[1]
 
 
-def default_work_dir(param_set: str = "default") -> Path:
-    """Where notebooks exchange files (features, splits, runs, tables): under the cache, never beside data."""
-    return cache_dir() / "study" / param_set
+def notebook_names() -> list[str]:
+    """The study's notebooks in run order (file names without .ipynb)."""
+    return sorted(p.stem for p in (repo_dir() / "notebooks").glob("[0-9][0-9]-*.ipynb"))
+
+
+def shown_path(path) -> str:
+    """A path as the published book may show it: under $DCMFG_DATA, $DCMFG_CACHE, the repository or ~, never the
+    build machine's absolute path."""
+    text = str(path)
+    if not text:
+        return text
+    p = Path(os.path.expandvars(text)).expanduser()
+    places = [("$DCMFG_DATA", data_dir()), ("$DCMFG_CACHE", Path(os.environ["DCMFG_CACHE"]) if os.environ.get("DCMFG_CACHE") else None),
+              (".", repo_dir()), ("~", Path.home())]
+    for name, root in places:
+        if root is None:
+            continue
+        try:
+            rel = p.resolve().relative_to(Path(root).resolve())
+        except ValueError:
+            continue
+        return name if str(rel) == "." else f"{name}/{rel}"
+    return text if not p.is_absolute() else p.name
 
 
 # --------------------------------------------------------------------------------------------- parameters
-def resolve_params_path(spec: str | os.PathLike | None) -> Path:
-    """`quick` -> configs/study-quick.yaml; an existing file path stays as it is; None -> full."""
-    spec = "full" if spec in (None, "") else str(spec)
-    if re.fullmatch(r"[A-Za-z0-9_-]+", spec) and not spec.endswith((".yaml", ".yml")):
-        path = repo_dir() / "configs" / f"study-{spec}.yaml"
-        if not path.is_file():
-            known = sorted(p.stem.removeprefix("study-") for p in (repo_dir() / "configs").glob("study-*.yaml"))
-            raise ConfigError(f"no study parameter set {spec!r} ({path} missing); known sets: {', '.join(known)}")
-        return path
-    path = Path(spec)
-    if not path.is_file():
-        raise ConfigError(f"{path}: study parameter file not found")
-    return path
+class ParameterError(DcmfgError):
+    """A notebook parameter that does not exist or has the wrong type; shown as one line in the notebook."""
+
+    def _render_traceback_(self):  # IPython (and so papermill) show this instead of a traceback
+        return [f"ParameterError: {self}"]
 
 
-def load_params(path: str | os.PathLike) -> dict:
-    """Read and check a parameter set: {name, common: {...}, notebooks: {notebook: {...}}}."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping with 'common' and 'notebooks', got {type(raw).__name__}")
-    unknown = set(raw) - {"name", "description", "common", "notebooks"}
+def _accepts(annotation, value) -> tuple[bool, object]:
+    """Whether `value` fits `annotation` (list, dict, str, int, float, bool and unions of them with None); a string
+    given for a non-string parameter (papermill's `-p seeds "[0, 1]"`) is read as YAML first."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else (annotation,)
+    options = tuple(typing.get_origin(o) or o for o in options)
+    if isinstance(value, str) and str not in options:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return False, value
+    for want in options:
+        if want is type(None) and value is None:
+            return True, value
+        if want is bool and isinstance(value, bool):
+            return True, value
+        if want is int and isinstance(value, int) and not isinstance(value, bool):
+            return True, value
+        if want is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, value  # an int stays an int: split sizes are counts when integers, fractions when floats
+        if want in (str, list, dict) and isinstance(value, want):
+            return True, value
+    return False, value
+
+
+def _type_name(annotation) -> str:
+    return re.sub(r"\btyping\.|<class '(\w+)'>", r"\1", str(annotation)).replace("NoneType", "None")
+
+
+def check_parameters(namespace: dict, before: set) -> dict:
+    """The notebook's parameters as declared by its `parameters` cell (annotated assignments), with the values in
+    `namespace` (papermill's injected cell included), types checked and written back. A name set by the injected
+    cell that the notebook does not declare is refused: papermill itself passes unknown names silently."""
+    declared = dict(namespace.get("__annotations__", {}))
+    new = {n for n in set(namespace) - set(before)
+           if not n.startswith("_") and not isinstance(namespace[n], types.ModuleType)}  # imports are not parameters
+    unknown = sorted(new - set(declared))
     if unknown:
-        raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)} (allowed: name, description, common, notebooks)")
-    common = raw.get("common") or {}
-    notebooks = raw.get("notebooks") or {}
-    if not isinstance(common, dict) or not isinstance(notebooks, dict):
-        raise ConfigError(f"{path}: 'common' and 'notebooks' must be mappings")
-    bad = sorted(set(notebooks) - set(NOTEBOOKS))
-    if bad:
-        raise ConfigError(f"{path}: unknown notebooks {bad}; the study has {NOTEBOOKS}")
-    for nb, values in notebooks.items():
-        if not isinstance(values or {}, dict):
-            raise ConfigError(f"{path}: notebooks.{nb} must be a mapping of parameters")
-    return {
-        "name": str(raw.get("name") or path.stem.removeprefix("study-")),
-        "description": str(raw.get("description") or ""),
-        "common": common,
-        "notebooks": {k: dict(v or {}) for k, v in notebooks.items()},
-        "source": str(path),
-    }
-
-
-def notebook_parameters(params: dict, notebook: str, declared: dict) -> dict:
-    """The values papermill injects into one notebook: the common ones it declares, then its own section.
-
-    A per-notebook key the notebook does not declare is a typo in the parameter file: refuse it.
-    """
-    own = params["notebooks"].get(notebook, {})
-    unknown = sorted(set(own) - set(declared))
-    if unknown:
-        raise ConfigError(
-            f"{params.get('source', 'parameters')}: notebooks.{notebook} sets {unknown}, which the notebook does not "
-            f"declare (it declares {sorted(declared)})"
-        )
-    values = {k: v for k, v in params["common"].items() if k in declared}
-    values.update(own)
+        raise ParameterError(f"unknown parameter {unknown[0]!r}; this notebook's parameters are: {', '.join(declared)}")
+    values = {}
+    for name, annotation in declared.items():
+        ok, value = _accepts(annotation, namespace.get(name))
+        if not ok:
+            raise ParameterError(
+                f"parameter {name!r} must be {_type_name(annotation)}, got {namespace.get(name)!r}"
+                + (f" (e.g. -p {name} '[0, 1]')" if list in (typing.get_args(annotation) or (annotation,)) else ""))
+        namespace[name] = values[name] = value
     return values
 
 
@@ -117,30 +138,34 @@ def notebook_parameters(params: dict, notebook: str, declared: dict) -> dict:
 @dataclass
 class DataChoice:
     name: str  # loader name for load_dataset
-    root: str  # "" for synthetic
+    root: str  # "" for synthetic; as given (may hold $DCMFG_DATA)
     synthetic: bool
-    reason: str  # one sentence for the book
+    reason: str  # one sentence for the book (paths shown relative, see shown_path)
 
 
 def resolve_dataset(dataset: str = "auto", data_root: str = "") -> DataChoice:
     """Which dataset the study uses. `auto`: the first recognised dataset under DCMFG_DATA, else synthetic."""
     if dataset == "synthetic":
         return DataChoice("synthetic", "", True, "the synthetic set was requested explicitly")
+    root = os.path.expandvars(str(data_root)) if data_root else ""
     if dataset != "auto":
-        if not data_root:
+        if not root:
             raise ConfigError(f"dataset {dataset!r} needs data_root (the folder holding it)")
-        return DataChoice(dataset, str(data_root), False, f"{dataset} from {data_root} was requested")
-    folder = Path(data_root) if data_root else data_dir()
+        return DataChoice(dataset, str(data_root), False, f"{dataset} from {shown_path(root)} was requested")
+    folder = Path(root) if root else data_dir()
     if folder is None:
         return DataChoice("synthetic", "", True, "DCMFG_DATA is not set, so no real dataset was available")
     if not folder.is_dir():
-        return DataChoice("synthetic", "", True, f"the data folder {folder} does not exist")
+        return DataChoice("synthetic", "", True, f"the data folder {shown_path(folder)} does not exist")
     from dcmfg.data.discover import pick_dataset
 
-    name, root = pick_dataset(folder)
+    name, found = pick_dataset(folder)
     if name == "synthetic":
-        return DataChoice("synthetic", "", True, f"no dataset in a recognised layout was found under {folder}")
-    return DataChoice(name, str(root), False, f"found {name} under {folder}")
+        return DataChoice("synthetic", "", True, f"no dataset in a recognised layout was found under {shown_path(folder)}")
+    # under $DCMFG_DATA the root is kept in that form, so the published parameter cells show no machine path
+    shown = shown_path(found)
+    return DataChoice(name, shown if shown.startswith("$DCMFG_DATA") else str(found), False,
+                      f"found {name} under {shown_path(folder)}")
 
 
 def banner_html(choice: DataChoice | dict) -> str:
@@ -156,29 +181,186 @@ def banner_html(choice: DataChoice | dict) -> str:
     )
 
 
-# --------------------------------------------------------------------------------------------- notebook helpers
-def notebook_setup(dataset: str = "auto", data_root: str = "", work_dir: str = "", param_set: str = "default"):
-    """What every notebook does first: resolve the data and the work dir, and show the synthetic banner if needed."""
-    choice = resolve_dataset(dataset, data_root)
-    work = Path(work_dir) if work_dir else default_work_dir(param_set)
-    work.mkdir(parents=True, exist_ok=True)
-    html = banner_html(choice)
+# --------------------------------------------------------------------------------------------- the study
+@dataclass
+class Study:
+    """What the notebooks share: the data, the split protocol, the training budget and the run settings."""
+
+    dataset: str = "auto"
+    data_root: str = ""
+    synthetic_n: int = 600
+    synthetic_seed: int = 0
+    split_protocol: str = "random"
+    query: float | int = 0.2
+    val: float | int = 0.1
+    train: float | int | None = None
+    seeds: list = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    epochs: int = 40
+    patience: int = 10
+    settings: dict = field(default_factory=dict)
+    device: str = "auto"
+    choice: DataChoice | None = None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_parameters(cls, params: dict) -> Study:
+        known = {f for f in cls.__dataclass_fields__ if not f.startswith("_") and f != "choice"}
+        s = cls(**{k: v for k, v in params.items() if k in known})
+        s.seeds = [int(x) for x in s.seeds]
+        s.choice = resolve_dataset(s.dataset, s.data_root)
+        s.base_config()  # every setting checked now, before any work
+        return s
+
+    # -- data ------------------------------------------------------------------------------------------
+    def data_settings(self) -> dict:
+        """Config values that point a run at this study's dataset."""
+        c = self.choice
+        if c.synthetic:
+            return {"data.name": "synthetic", "data.root": None,
+                    "data.options": {"n": int(self.synthetic_n), "seed": int(self.synthetic_seed)}}
+        return {"data.name": c.name, "data.root": os.path.expandvars(c.root)}
+
+    def load_dataset(self):
+        if "dataset" not in self._cache:
+            from dcmfg.bundle import load_dataset_of
+
+            self._cache["dataset"] = load_dataset_of(self.base_config())
+        return self._cache["dataset"]
+
+    def split_file(self, seed: int) -> Path:
+        """The split file of one seed under this study's protocol: made on first use, then read back; its name
+        holds everything that defines it, so any notebook asking for it gets the same bytes."""
+        from dcmfg.data.splits import make_split, save_split
+
+        ds = self.load_dataset()
+        sizes = f"q{self.query}-v{self.val}-t{self.train}"
+        path = cache_dir() / "study" / "splits" / ds.fingerprint()[:16] / f"{self.split_protocol}-{sizes}-seed{int(seed)}.json"
+        if not path.is_file():
+            split = make_split(ds, protocol=self.split_protocol, query=self.query, train=self.train, val=self.val,
+                               seed=int(seed))
+            save_split(split, path)
+        return path
+
+    # -- configs and features -----------------------------------------------------------------------------
+    def base_config(self, model: str = "dcmfg", settings: dict | None = None):
+        """configs/<model>.yaml with this study's data, budget and settings (no split, seed 0)."""
+        from dcmfg.config import apply_overrides, config_from_dict
+
+        path = repo_dir() / "configs" / f"{model}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in (repo_dir() / "configs").glob("*.yaml") if not p.stem.startswith("study-"))
+            raise ConfigError(f"no config for model {model!r} (configs/{model}.yaml); known: {', '.join(known)}")
+        values = yaml.safe_load(path.read_text()) or {}
+        dotted = {**self.data_settings(), "train.epochs": int(self.epochs), "train.patience": int(self.patience),
+                  "train.progress": False, "train.device": self.device, **self.settings, **(settings or {})}
+        return config_from_dict(apply_overrides(values, dotted))
+
+    def config(self, model: str, seed: int, settings: dict | None = None):
+        """The full config of one run: base_config plus the seed's split file and the seed."""
+        from dcmfg.config import apply_overrides, config_from_dict
+
+        cfg = self.base_config(model, settings)
+        return config_from_dict(apply_overrides(cfg.to_dict(), {"data.split": str(self.split_file(seed)),
+                                                                "seed": int(seed)}))
+
+    def features(self, model: str = "dcmfg"):
+        """The backbone features every chapter uses (the `features` settings of the runs)."""
+        from dcmfg.bundle import load_features
+        from dcmfg.device import resolve_device
+
+        cfg = self.base_config(model)
+        return load_features(cfg, self.load_dataset(), resolve_device(cfg.train.device))
+
+    def bundle(self, cfg):
+        """Loaded data shared by every run with the same dataset and feature settings (features read once)."""
+        from dcmfg.bundle import load_data
+
+        key = json.dumps([cfg.to_dict()["data"], cfg.to_dict()["features"]], sort_keys=True, default=str)
+        if key not in self._cache:
+            self._cache[key] = load_data(cfg)
+        return self._cache[key]
+
+    # -- runs ----------------------------------------------------------------------------------------------
+    def run(self, model: str, seed: int, settings: dict | None = None) -> dict:
+        """Train configs/<model>.yaml on one seed's split with `settings` (dotted), or read the finished run back.
+
+        The run folder is named by the config (minus the split file's path) and the split file's bytes: the same
+        config on the same split is deterministic on CPU, so a finished run is reused, never trained again.
+        Returns report.json plus run_dir, seconds, reused and history (metrics.jsonl rows)."""
+        from dcmfg.config import config_digest
+        from dcmfg.fileio import file_sha256
+
+        cfg = self.config(model, seed, settings)
+        split_sha = file_sha256(cfg.data.split)
+        identity = hashlib.sha256(f"{config_digest(_without_split_path(cfg))}:{split_sha}".encode()).hexdigest()[:12]
+        out = cache_dir() / "runs" / f"{model}-seed{int(seed)}-{identity}"
+        done = out / "study-run.json"
+        if not (done.is_file() and (out / "report.json").is_file()):
+            from dcmfg.train import train
+
+            t0, c0 = time.perf_counter(), time.process_time()
+            train(cfg, out, data=self.bundle(cfg))
+            write_text_atomic(done, json.dumps({"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+                                                "model": model, "seed": int(seed), "settings": settings or {}}, default=str))
+            reused = False
+        else:
+            reused = True
+        info = json.loads(done.read_text())
+        history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        return {**json.loads((out / "report.json").read_text()), "run_dir": str(out), "seconds": info["seconds"],
+                "cpu_seconds": info.get("cpu_seconds"), "reused": reused, "history": history, "model": model,
+                "seed": int(seed), "settings": settings or {}}
+
+    def runs(self, models, seeds=None, settings: dict | None = None) -> list[dict]:
+        """`run` for every model (a name, or a (label, model, settings) triple) and seed (default: the study's)."""
+        out = []
+        for entry in models:
+            label, model, extra = (entry, entry, {}) if isinstance(entry, str) else entry
+            for seed in (self.seeds if seeds is None else seeds):
+                rep = self.run(model, int(seed), {**(settings or {}), **extra})
+                out.append({**rep, "label": label})
+        return out
+
+    # -- words for captions -----------------------------------------------------------------------------
+    def protocol(self, report: dict | None = None) -> str:
+        """One sentence naming the data, protocol, split sizes, seeds and budget, for every table caption."""
+        ds = self.load_dataset()
+        sizes = ""
+        if report is not None:
+            sizes = (f", {report['n_query']} queries, database {report['n_database']}, bank = training split "
+                     f"({report['n_bank_pairs']} pairs)")
+        return (f"{ds.name}{' (SYNTHETIC)' if self.choice.synthetic else ''}, N = {len(ds)}, {self.split_protocol} "
+                f"split (query {self.query}, validation {self.val} of the training pool){sizes}, split seeds "
+                f"{self.seeds}, at most {self.epochs} epochs with patience {self.patience}")
+
+
+def _without_split_path(cfg):
+    """The config with data.split blanked: the split's identity is its bytes, not where the cache put it."""
+    from dcmfg.config import config_from_dict
+
+    values = cfg.to_dict()
+    values["data"]["split"] = None
+    return config_from_dict(values)
+
+
+def start(namespace: dict, before: set) -> Study:
+    """A notebook's first step: check its parameters, resolve the data, show the synthetic banner when needed."""
+    import logging
+    import warnings
+
+    logging.getLogger("dcmfg").setLevel(logging.ERROR)  # the book shows results, not cache chatter
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch_geometric")
+    params = check_parameters(namespace, before)
+    s = Study.from_parameters(params)
+    html = banner_html(s.choice)
     if html:
         from IPython.display import HTML, display
 
         display(HTML(html))
-    return choice, work
+    return s
 
 
-def load_choice(choice: DataChoice, synthetic_n: int = 600, seed: int = 0):
-    """Load the chosen dataset (the synthetic one with its size and seed)."""
-    from dcmfg.data import load_dataset
-
-    if choice.synthetic:
-        return load_dataset("synthetic", None, n=int(synthetic_n), seed=int(seed))
-    return load_dataset(choice.name, choice.root)
-
-
+# --------------------------------------------------------------------------------------------- display
 def show_figure(fig, caption: str, name: str = "") -> None:
     """Display a matplotlib figure as one self-contained <figure> with its caption (offline, no external file)."""
     import base64
@@ -214,90 +396,68 @@ def show_table(df, caption: str, precision: int = 4, index: bool = False) -> Non
     display(HTML(styler.to_html()))
 
 
-def write_json(path: str | os.PathLike, obj) -> None:
-    """Write JSON atomically (temp file + rename), so a crash never leaves a half-written file for the next notebook."""
-    write_text_atomic(Path(path), json.dumps(obj, indent=1, default=str))
-
-
-def _set_dotted(values: dict, dotted: str, value) -> None:
-    node = values
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-
-
-def study_data_overrides(data_info: dict) -> dict:
-    """Config values that point a training run at the study's dataset (from 01-data's data.json)."""
-    if data_info["synthetic"]:
-        return {"data.name": "synthetic", "data.root": None,
-                "data.options": {"n": int(data_info["synthetic_n"]), "seed": int(data_info["synthetic_seed"])}}
-    return {"data.name": data_info["loader"], "data.root": data_info["root"]}
-
-
-def train_run(model: str, work: Path, split_file: str, seed: int, settings: dict, group: str = "runs",
-              data=None) -> dict:
-    """Train `configs/<model>.yaml` with dotted `settings` on one split file; returns its report.json plus timing.
-
-    The run folder is named by a hash of the full config and the split file's bytes: the same config on the same
-    split is deterministic on CPU, so a finished run is read back instead of trained again (rerunning the study
-    after a change only trains what changed).
-    """
-    import hashlib
-
-    from dcmfg.config import config_from_dict
-
-    path = repo_dir() / "configs" / f"{model}.yaml"
+# --------------------------------------------------------------------------------------------- parameter sets
+def resolve_params_path(spec: str | os.PathLike | None) -> Path:
+    """`quick` -> configs/study-quick.yaml; an existing file path stays as it is; None -> full."""
+    spec = "full" if spec in (None, "") else str(spec)
+    if re.fullmatch(r"[A-Za-z0-9_-]+", spec) and not spec.endswith((".yaml", ".yml")):
+        path = repo_dir() / "configs" / f"study-{spec}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem.removeprefix("study-") for p in (repo_dir() / "configs").glob("study-*.yaml"))
+            raise ConfigError(f"no study parameter set {spec!r} ({path} missing); known sets: {', '.join(known)}")
+        return path
+    path = Path(spec)
     if not path.is_file():
-        raise ConfigError(f"{path}: no config for model {model!r}")
-    values = yaml.safe_load(path.read_text()) or {}
-    for dotted, value in {**settings, "data.split": str(split_file), "seed": int(seed)}.items():
-        _set_dotted(values, dotted, value)
-    values.setdefault("train", {})["progress"] = False
-    cfg = config_from_dict(values)
-    digest = hashlib.sha256(cfg.to_json().encode() + Path(split_file).read_bytes()).hexdigest()[:12]
-    out = Path(work) / group / f"{model}-{digest}"
-    done = out / "study-run.json"
-    if done.is_file() and (out / "report.json").is_file():
-        info = json.loads(done.read_text())
-        return {**json.loads((out / "report.json").read_text()), "run_dir": str(out), "seconds": info["seconds"],
-                "reused": True}
-    from dcmfg.train import train
-
-    t0 = time.perf_counter()
-    result = train(cfg, out, data=data)
-    seconds = time.perf_counter() - t0
-    write_text_atomic(done, json.dumps({"seconds": seconds, "model": model, "seed": int(seed), "settings": settings},
-                                       default=str))
-    return {**result.report, "run_dir": str(out), "seconds": seconds, "reused": False,
-            "history": result.history}
+        raise ConfigError(f"{path}: study parameter file not found")
+    return path
 
 
-def run_embeddings(run_dir: str | os.PathLike) -> dict:
-    """A finished run's query and database embeddings (inductive: bank = its training split), for curves and
-    metrics the run's report does not hold. Returns query/database {"image": {"z", "h"}, "text": ...} and labels."""
-    import numpy as np
-    import torch
-
-    from dcmfg.evaluate import embed_parts, load_checkpoint_model, load_data
-
-    model, cfg, meta = load_checkpoint_model(run_dir)
-    data = load_data(cfg, Path(run_dir))
-    q_idx, db_idx = data.part("query"), data.part("database")
-    with torch.no_grad():
-        emb = embed_parts(model, data, data.part("train"), np.concatenate([q_idx, db_idx]))
-    nq = len(q_idx)
+def load_params(path: str | os.PathLike) -> dict:
+    """Read and check a parameter set: {name, common: {...}, notebooks: {notebook: {...}}}."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with 'common' and 'notebooks', got {type(raw).__name__}")
+    unknown = set(raw) - {"name", "description", "common", "notebooks"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)} (allowed: name, description, common, notebooks)")
+    common = raw.get("common") or {}
+    notebooks = raw.get("notebooks") or {}
+    if not isinstance(common, dict) or not isinstance(notebooks, dict):
+        raise ConfigError(f"{path}: 'common' and 'notebooks' must be mappings")
+    bad = sorted(set(notebooks) - set(notebook_names()))
+    if bad:
+        raise ConfigError(f"{path}: unknown notebooks {bad}; the study has {notebook_names()}")
+    for nb, values in notebooks.items():
+        if not isinstance(values or {}, dict):
+            raise ConfigError(f"{path}: notebooks.{nb} must be a mapping of parameters")
     return {
-        "query": {m: {k: v[:nq] for k, v in e.items()} for m, e in emb.items()},
-        "database": {m: {k: v[nq:] for k, v in e.items()} for m, e in emb.items()},
-        "query_labels": data.labels[q_idx],
-        "database_labels": data.labels[db_idx],
-        "query_idx": q_idx,
-        "database_idx": db_idx,
-        "config": cfg,
-        "model": model,
-        "data": data,
+        "name": str(raw.get("name") or path.stem.removeprefix("study-")),
+        "description": str(raw.get("description") or ""),
+        "common": common,
+        "notebooks": {k: dict(v or {}) for k, v in notebooks.items()},
+        "source": str(path),
     }
+
+
+def notebook_parameters(params: dict, notebook: str, declared: dict) -> dict:
+    """The values papermill injects into one notebook: the common ones it declares, then its own section.
+
+    A per-notebook key the notebook does not declare is a typo in the parameter file: refuse it.
+    """
+    own = params["notebooks"].get(notebook, {})
+    unknown = sorted(set(own) - set(declared))
+    if unknown:
+        raise ConfigError(
+            f"{params.get('source', 'parameters')}: notebooks.{notebook} sets {unknown}, which the notebook does not "
+            f"declare (it declares {sorted(declared)})"
+        )
+    values = {k: v for k, v in params["common"].items() if k in declared}
+    values.update(own)
+    return values
 
 
 # --------------------------------------------------------------------------------------------- running
@@ -313,7 +473,6 @@ class NotebookRun:
 class StudyResult:
     param_set: str
     book_dir: str
-    work_dir: str
     html_dir: str | None
     data: dict
     runs: list[NotebookRun] = field(default_factory=list)
@@ -330,51 +489,42 @@ def stage_book_sources(out_book: Path) -> None:
     shutil.copytree(src, out_book, ignore=ignore, dirs_exist_ok=True)
 
 
-def run_notebooks(
-    params: dict,
-    out_dir: Path,
-    work_dir: Path,
-    notebooks: list[str] | None = None,
-    log=print,
-) -> list[NotebookRun]:
-    """Execute the notebooks in order with papermill; each output lands in out_dir with its parameters recorded."""
+def run_notebooks(params: dict, out_dir: Path, notebooks: list[str] | None = None, log=print) -> list[NotebookRun]:
+    """Execute the notebooks in order with papermill; each output lands in out_dir with its parameters recorded.
+    A notebook that declares `timings` receives the seconds of those run before it (the appendix)."""
     import papermill as pm
 
     src = repo_dir() / "notebooks"
-    order = notebooks or NOTEBOOKS
+    order = notebooks or notebook_names()
+    unknown = sorted(set(order) - set(notebook_names()))
+    if unknown:
+        raise ConfigError(f"unknown notebooks {unknown}; the study has {notebook_names()}")
     # Check every notebook's parameters before running any, so a typo in the last section fails in seconds.
-    declared_by = {}
+    declared_by = {nb: pm.inspect_notebook(str(src / f"{nb}.ipynb")) for nb in order}
     for nb in order:
-        path = src / f"{nb}.ipynb"
-        if not path.is_file():
-            raise DcmfgError(f"{path}: notebook missing")
-        declared_by[nb] = pm.inspect_notebook(str(path))
         notebook_parameters(params, nb, declared_by[nb])
     out_dir.mkdir(parents=True, exist_ok=True)
-    work_dir.mkdir(parents=True, exist_ok=True)
     runs: list[NotebookRun] = []
     # The kernels inherit these: no progress bars or hub chatter in the executed notebooks.
     for key, value in {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
                        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}.items():
         os.environ.setdefault(key, value)
-    timings_path = work_dir / "study-timings.json"
-    timings = []
+    timings: dict[str, float] = {}
     for nb in order:
         path = src / f"{nb}.ipynb"
         declared = declared_by[nb]
         values = notebook_parameters(params, nb, declared)
-        values["work_dir"] = str(work_dir)
         if "param_set" in declared:
             values["param_set"] = params["name"]
-        values = {k: v for k, v in values.items() if k in declared}
+        if "timings" in declared:
+            values["timings"] = dict(timings)
         out = out_dir / f"{nb}.ipynb"
         tmp = out_dir / f".{nb}.running.ipynb"
         log(f"[study] {nb}: running with {json.dumps(values, default=str)}")
         t0 = time.perf_counter()
         try:
-            pm.execute_notebook(
-                str(path), str(tmp), parameters=values, kernel_name="python3", progress_bar=False, cwd=str(work_dir)
-            )
+            pm.execute_notebook(str(path), str(tmp), parameters=values, kernel_name="python3", progress_bar=False,
+                                cwd=str(repo_dir()))
         except pm.PapermillExecutionError as exc:
             raise DcmfgError(
                 f"{path}: cell {exc.exec_count} failed with {exc.ename}: {exc.evalue} (partial output kept in {tmp})"
@@ -383,8 +533,7 @@ def run_notebooks(
         dt = time.perf_counter() - t0
         log(f"[study] {nb}: done in {dt:.1f} s")
         runs.append(NotebookRun(nb, str(out), values, dt))
-        timings.append({"notebook": nb, "seconds": round(dt, 2)})
-        write_text_atomic(timings_path, json.dumps(timings, indent=1))
+        timings[nb] = round(dt, 1)
     return runs
 
 
@@ -431,33 +580,27 @@ def check_offline_html(html_dir: Path) -> list[str]:
     return problems
 
 
-def run_study(
-    params: str | os.PathLike | None = "full",
-    out_book: str | os.PathLike | None = None,
-    skip_build: bool = False,
-    work_dir: str | os.PathLike | None = None,
-    notebooks: list[str] | None = None,
-    log=print,
-) -> StudyResult:
+def run_study(params: str | os.PathLike | None = "full", out_book: str | os.PathLike | None = None,
+              skip_build: bool = False, notebooks: list[str] | None = None, device: str | None = None,
+              log=print) -> StudyResult:
     """Run the whole study: notebooks into <out_book>/chapters, then the book into <out_book>/_build/html."""
     t0 = time.perf_counter()
     p = load_params(resolve_params_path(params))
     book = Path(out_book) if out_book else repo_dir() / "book"
     stage_book_sources(book)
-    work = Path(work_dir) if work_dir else Path(p["common"].get("work_dir") or default_work_dir(p["name"]))
     choice = resolve_dataset(str(p["common"].get("dataset", "auto")), str(p["common"].get("data_root") or ""))
-    log(f"[study] parameter set {p['name']} ({p['source']}); data: {choice.name} ({choice.reason}); work dir {work}")
+    log(f"[study] parameter set {p['name']} ({p['source']}); data: {choice.name} ({choice.reason})")
     # Every notebook gets the same resolved real dataset, so they cannot disagree about the data (the synthetic
     # fallback stays "auto": each notebook resolves it the same way and keeps the reason for its banner).
     if not choice.synthetic:
         p["common"] = {**p["common"], "dataset": choice.name, "data_root": choice.root}
-    work.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(work / "study-params.json", json.dumps({**p, "data": asdict(choice)}, indent=1, default=str))
-    runs = run_notebooks(p, book / "chapters", work, notebooks=notebooks, log=log)
-    result = StudyResult(p["name"], str(book), str(work), None, asdict(choice), runs)
+    if device:
+        p["common"] = {**p["common"], "device": device}
+    runs = run_notebooks(p, book / "chapters", notebooks=notebooks, log=log)
+    result = StudyResult(p["name"], str(book), None, asdict(choice), runs)
     if not skip_build:
         t1 = time.perf_counter()
-        cfg = _book_config(book, choice, work / "_book_config.yml")
+        cfg = _book_config(book, choice, cache_dir() / "study" / f"_book_config-{p['name']}.yml")
         result.html_dir = str(build_book(book, cfg, log=log))
         result.build_seconds = time.perf_counter() - t1
     result.seconds = time.perf_counter() - t0
@@ -465,20 +608,8 @@ def run_study(
     return result
 
 
-# --------------------------------------------------------------------------------------------- CLI
-def _cmd_run(args) -> int:
-    run_study(args.params, out_book=args.out_book, skip_build=args.skip_build, work_dir=args.work_dir,
-              notebooks=args.only or None)
+def run_command(args) -> int:
+    """`dcmfg study run` (the arguments are defined in dcmfg/cli.py)."""
+    run_study(args.params, out_book=args.out_book, skip_build=args.skip_build, notebooks=args.only or None,
+              device=args.device)
     return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("study", help="run the study notebooks and build the book")
-    sub = p.add_subparsers(dest="study_command", required=True)
-    r = sub.add_parser("run", help="execute notebooks/ with papermill, then jupyter-book build")
-    r.add_argument("--params", default="full", help="parameter set name (quick, full) or a YAML file (default: full)")
-    r.add_argument("--out-book", default=None, help="book folder to fill and build (default: the repo's book/)")
-    r.add_argument("--work-dir", default=None, help="where notebooks exchange files (default: <cache>/study/<set>)")
-    r.add_argument("--skip-build", action="store_true", help="run the notebooks only")
-    r.add_argument("--only", nargs="*", choices=NOTEBOOKS, help="run only these notebooks (they read earlier outputs)")
-    r.set_defaults(func=_cmd_run)

@@ -1,21 +1,26 @@
-"""Training: AdamW + warm-up/cosine schedule, validation-only model selection and early stopping, checkpoints
-with exact resume, seeded determinism, DistributedDataParallel.
+"""Training, as named steps: set-up, data, model and optimiser, resume, one epoch, validate-and-select, finish.
 
 Python API: `train(config, out_dir) -> RunResult`. Command: `dcmfg train --config configs/dcmfg.yaml --set a.b=c
 --out runs/x`; distributed: `torchrun --nproc_per_node=N -m dcmfg.train --config ... --out ...`.
 
-Run folder: split.json (when the config names none), metrics.jsonl (one JSON line per epoch), best/ (selected
+AdamW with a linear warm-up and cosine decay (transformers' schedule), model selection and early stopping on the
+validation split only, checkpoints with exact resume (weights, optimiser, schedule, RNG), seeded determinism on CPU,
+DistributedDataParallel, mixed precision on CUDA behind `train.amp`.
+
+Run folder: split.json (the run's own copy of its split), metrics.jsonl (one JSON line per epoch), best/ (selected
 weights), last/ (weights + optimiser + scheduler + RNG state for resume), report.json (query split, best/).
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
+import dataclasses
 import json
-import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,29 +29,28 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dcmfg.config import Config, config_from_dict, load_config
-from dcmfg.errors import ConfigError, DcmfgError
-from dcmfg.evaluate import (
-    DataBundle,
-    load_data,
-    retrieval_for_split,
-    take,
-    validation_scores,
-    word_limit,
-    write_json_atomic,
-)
+from dcmfg.bundle import DataBundle, load_data, resolve_split, take, word_limit
+from dcmfg.config import Config, config_digest, config_from_dict, load_config
+from dcmfg.errors import ConfigError, DcmfgError, Interrupted
+from dcmfg.evaluate import retrieval_for_split, validation_scores, write_json_atomic
+from dcmfg.fileio import read_json, save_safetensors_atomic, write_text_atomic
 from dcmfg.graph import NonFiniteFeatures
-from dcmfg.fileio import save_safetensors_atomic, write_text_atomic
 from dcmfg.losses import total_loss
 from dcmfg.model import load_weights, save_weights
 from dcmfg.registry import create_model
 
 # Config fields that may change between a run and its resume without changing what is computed.
 RESUME_FREE = {("train", "progress"), ("train", "threads"), ("train", "epochs"), ("train", "device"), ("train", "patience")}
+# What a run folder holds once training wrote to it; `--overwrite` removes exactly these.
+RUN_PRODUCTS = ("best", "best.old", "last", "last.old", "metrics.jsonl", "report.json", "split.json")
 
 
 class TrainingDiverged(DcmfgError):
     """The loss became NaN/inf: stop, keep the last good checkpoint, tell the user what to change."""
+
+
+class TrainingInterrupted(Interrupted):
+    """Ctrl-C: the last complete checkpoint is kept and resumable; the message says how."""
 
 
 @dataclass
@@ -66,20 +70,278 @@ class RunResult:
         return None if self.report is None else self.report["map_t2i"]
 
 
-# ---------------------------------------------------------------------------------------------- distributed
+@dataclass
+class Session:
+    """Where and how this process trains (set-up's result)."""
+
+    cfg: Config
+    out: Path
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+@dataclass
+class Trainer:
+    """The model and what updates it."""
+
+    model: torch.nn.Module
+    ddp: torch.nn.Module  # the DDP wrapper (the model itself in one process)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    meta: dict  # written beside every checkpoint: what the weights were trained for
+
+
+@dataclass
+class Loop:
+    """Loop counters: saved in every checkpoint, so a resumed run continues exactly."""
+
+    epoch: int = 0
+    step: int = 0
+    best: float = -1.0
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    done: bool = False
+
+
+# ---------------------------------------------------------------------------------------------- step 1: set-up
+
+
+def setup(cfg: Config, out_dir, *, resume: bool, overwrite: bool) -> Session:
+    """Devices and processes, and the run folder: refuse to replace a run's results unless told to."""
+    out = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
+    if overwrite:
+        if int(os.environ.get("RANK", "0")) == 0:
+            for name in RUN_PRODUCTS:
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    elif not resume and any((out / name).exists() for name in ("report.json", "last", "best")):
+        what = "a finished run (report.json)" if (out / "report.json").exists() else "checkpoints of a run"
+        raise ConfigError(f"{out} holds {what}; pass --overwrite to replace it, or resume it without --no-resume")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    rank, world, device = _dist_setup(cfg.train.device)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    return Session(cfg, out, rank, world, device)
+
+
+def default_run_dir(cfg: Config) -> Path:
+    from dcmfg.paths import cache_dir
+
+    return cache_dir() / "runs" / f"{cfg.model.name}-seed{cfg.seed}-{config_digest(cfg)}"
 
 
 def _dist_setup(device: str) -> tuple[int, int, torch.device]:
+    from dcmfg.device import resolve_device
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and world > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(torch.device(device))
+    dev = resolve_device(device)
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+        torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return rank, world, torch.device(device)
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return rank, world, dev
+
+
+# ---------------------------------------------------------------------------------------------- step 2: data
+
+
+def load_run_data(s: Session) -> DataBundle:
+    """Dataset, the run's split (rank 0 writes the run's copy) and features. Every rank loads at once: the feature
+    extraction shares its chunks out across the ranks of a process group, and a split is the same on every rank
+    (read from one file, or drawn with the run's seed)."""
+    data = load_data(s.cfg, s.out, device=s.device, write=s.main)
+    s.barrier()
+    return data
+
+
+def _with_run_split(s: Session, data: DataBundle) -> DataBundle:
+    """A caller's loaded data (features reused across runs), with the split this run keeps in its own folder."""
+    split, sha, _ = resolve_split(s.cfg, data.dataset, s.out, write=s.main)
+    return data if sha == data.split_sha256 else dataclasses.replace(data, split=split, split_sha256=sha)
+
+
+# ---------------------------------------------------------------------------------------------- step 3: model
+
+
+def build(s: Session, data: DataBundle) -> Trainer:
+    """The model (initial weights depend on the seed only), AdamW and the warm-up + cosine schedule."""
+    from transformers.optimization import get_cosine_schedule_with_warmup
+
+    cfg, tc = s.cfg, s.cfg.train
+    train_idx = data.part("train")
+    if len(train_idx) < 2:
+        raise ConfigError(f"the training split has {len(train_idx)} usable items; need at least 2")
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model.name, cfg, *data.dims).to(s.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    steps_per_epoch = len(batches(len(train_idx), tc.batch_size, torch.Generator().manual_seed(0)))
+    total = steps_per_epoch * tc.epochs
+    scheduler = get_cosine_schedule_with_warmup(optimizer, min(tc.warmup_epochs * steps_per_epoch, max(total - 1, 1)),
+                                                total)
+    ddp = model
+    if s.world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[s.device.index] if s.device.type == "cuda" else None)
+    image_dim, text_dim, num_labels = data.dims
+    meta = {
+        "model": cfg.model.name,
+        "image_dim": image_dim,
+        "text_dim": text_dim,
+        "num_labels": num_labels,
+        "dataset_fingerprint": data.dataset.fingerprint(),
+        "split_sha256": data.split_sha256,
+        "feature_key": data.feature_key,
+        "config_digest": config_digest(cfg),
+    }
+    return Trainer(model, ddp, optimizer, scheduler, meta)
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """A seeded permutation cut into batches; a last batch under half the size joins the previous one (a tiny
+    graph would make kNN meaningless and k could exceed it)."""
+    perm = torch.randperm(n, generator=generator)
+    chunks = list(torch.split(perm, batch_size))
+    if len(chunks) > 1 and len(chunks[-1]) < batch_size // 2:
+        last = chunks.pop()  # pop first: `chunks[-2] = cat(..., pop())` would write to the wrong slot
+        chunks[-1] = torch.cat([chunks[-1], last])
+    return chunks
+
+
+# ---------------------------------------------------------------------------------------------- step 4: resume
+
+
+def resume_state(s: Session, t: Trainer) -> tuple[Loop, list[dict]]:
+    """The loop state and metrics history of `out/last` when it exists (else a fresh loop)."""
+    ckpt = find_checkpoint(s.out / "last")
+    if ckpt is None:
+        return Loop(), []
+    loop = Loop(**load_training_state(ckpt, t.model, s.cfg, t.optimizer, t.scheduler))
+    # train.epochs / patience may have been raised to extend a finished run
+    loop.done = loop.bad_epochs >= s.cfg.train.patience or loop.epoch >= s.cfg.train.epochs
+    history = _trim_jsonl(s.out / "metrics.jsonl", loop.epoch) if s.main else []
+    return loop, history
+
+
+def find_checkpoint(folder: Path) -> Path | None:
+    for cand in (folder, folder.with_name(folder.name + ".old")):  # .old survives a kill inside _swap_dir
+        if (cand / "state.json").is_file() and (cand / "model.safetensors").is_file():
+            return cand
+    return None
+
+
+def _config_diff(a: dict, b: dict, prefix="") -> list[str]:
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            diffs += _config_diff(va, vb, f"{prefix}{key}.")
+        elif va != vb and tuple(f"{prefix}{key}".split(".")) not in RESUME_FREE:
+            diffs.append(f"{prefix}{key}: {va!r} -> {vb!r}")
+    return diffs
+
+
+def load_training_state(folder: Path, model, cfg: Config, optimizer, scheduler) -> dict:
+    """Resume: refuse a checkpoint from another model or config (naming the keys), then restore everything."""
+    from safetensors.torch import load_file
+
+    diffs = _config_diff(read_json(folder / "config.json"), cfg.to_dict())
+    if diffs:
+        raise ConfigError(
+            f"{folder}: checkpoint was made with a different config ({'; '.join(diffs[:6])}); "
+            f"use another --out folder, the same config, or --overwrite"
+        )
+    load_weights(model, folder / "model.safetensors")
+    st = read_json(folder / "state.json")
+    state: dict = {}
+    for key, tensor in load_file(str(folder / "optimizer.safetensors")).items():
+        _, pid, name = key.split("/", 2)
+        state.setdefault(int(pid), {})[name] = tensor
+    optimizer.load_state_dict({"state": state, "param_groups": st["param_groups"]})
+    sched = scheduler.state_dict()
+    sched.update(st["scheduler"])
+    scheduler.load_state_dict(sched)
+    torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["torch_cpu"])
+    return st["loop"]
+
+
+def _trim_jsonl(path: Path, epochs_done: int) -> list[dict]:
+    """On resume, drop lines of epochs the checkpoint does not include (a kill after logging, before saving)."""
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("epoch", 0) <= epochs_done]  # record epochs are 1-based
+    write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- step 5: one epoch
+
+
+def run_epoch(s: Session, t: Trainer, data: DataBundle, loop: Loop) -> dict:
+    """One pass over the training split; returns the epoch's mean loss terms (and graph statistics)."""
+    from tqdm.auto import tqdm
+
+    cfg, tc, epoch = s.cfg, s.cfg.train, loop.epoch
+    train_idx = data.part("train")
+    labels = data.labels.to(s.device)
+    # Everything random in an epoch derives from (seed, epoch): a resumed epoch replays exactly.
+    torch.manual_seed(cfg.seed * 100_003 + epoch)
+    order = batches(len(train_idx), tc.batch_size, torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+    t.model.train()
+    sums: dict[str, float] = {}
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=tc.amp and s.device.type == "cuda")
+    bar = tqdm(order, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not tc.progress or not s.main, leave=False)
+    for b in bar:
+        idx = train_idx[b.numpy()]
+        gather, local = None, idx
+        if s.world > 1:
+            shards = np.array_split(idx, s.world)
+            local = shards[s.rank]
+            gather = _gather_fn([len(x) for x in shards], s.rank)
+        batch = take(data.feats, local, s.device, words=word_limit(data.feats, idx))  # same width on every rank
+        try:
+            with amp:
+                out = t.ddp(batch, gather=gather)
+                loss, parts = total_loss(out, labels[torch.as_tensor(idx, device=s.device)], cfg.loss)
+            note = ""
+        except NonFiniteFeatures as exc:  # NaN reached the graph before the loss: the same failure
+            loss, parts, note = torch.tensor(float("nan")), {"graph": float("nan")}, f" ({exc})"
+        if not torch.isfinite(loss):
+            _diverged(s, loop, parts, note, float(loss))
+        t.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(t.model.parameters(), tc.grad_clip)
+        t.optimizer.step()
+        t.scheduler.step()
+        loop.step += 1
+        stats = getattr(out, "stats", None) or {}  # graph statistics of this batch's graph, when the model has one
+        for k, v in {"loss": float(loss.detach()), **parts, **stats}.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+    return {k: v / len(order) for k, v in sums.items()}
+
+
+def _diverged(s: Session, loop: Loop, parts: dict, note: str, value: float):
+    last = find_checkpoint(s.out / "last")
+    where = (f"{last} (after epoch {read_json(last / 'state.json')['loop']['epoch']})" if last
+             else "none yet (it failed in the first epoch)")
+    raise TrainingDiverged(
+        f"loss became {value} at epoch {loop.epoch + 1}, step {loop.step + 1} "
+        f"(terms: {', '.join(f'{k}={v:.4g}' for k, v in parts.items())}){note}; training stopped. "
+        f"Last good checkpoint: {where}. Lower train.lr or check the features."
+    )
 
 
 class _GatherShards(torch.autograd.Function):
@@ -115,7 +377,70 @@ def _gather_fn(sizes: list[int], rank: int):
     return gather
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------------------------------------- step 6: validate
+
+
+def validate_and_select(s: Session, t: Trainer, data: DataBundle, loop: Loop, terms: dict, seconds: float) -> dict:
+    """Validation mAP (never the query split), selection by train.select_metric, early stopping, checkpoints."""
+    tc = s.cfg.train
+    val = validation_scores(t.model, data, s.cfg, s.device)
+    score = val[f"val_{tc.select_metric}"]
+    improved = score > loop.best
+    if improved:
+        loop.best, loop.best_epoch, loop.bad_epochs = score, loop.epoch + 1, 0
+    else:
+        loop.bad_epochs += 1
+    loop.epoch += 1
+    loop.done = loop.bad_epochs >= tc.patience or loop.epoch >= tc.epochs
+    record = {"epoch": loop.epoch, "step": loop.step, "lr": t.scheduler.get_last_lr()[0], **terms, **val,
+              "best_epoch": loop.best_epoch, "seconds": round(seconds, 3)}
+    if s.main:
+        meta = {**t.meta, "epoch": loop.epoch, **val}
+        with _interrupts_deferred():  # a checkpoint and its metrics line are written whole or not at all
+            if improved:
+                save_checkpoint(s.out / "best", t.model, s.cfg, meta)
+            _log_epoch(s.out / "metrics.jsonl", record, fresh=loop.epoch == 1)
+            save_checkpoint(s.out / "last", t.model, s.cfg, meta, t.optimizer, t.scheduler, vars(loop))
+        if tc.progress:
+            print(f"epoch {loop.epoch}: loss {record.get('loss', float('nan')):.4f}  val mAP I->T "
+                  f"{val['val_map_i2t']:.4f} T->I {val['val_map_t2i']:.4f}{'  *' if improved else ''}", file=sys.stderr)
+    return record
+
+
+def _log_epoch(path: Path, record: dict, fresh: bool) -> None:
+    """metrics.jsonl: a fresh run replaces the file at its first epoch (not before: nothing is lost early)."""
+    line = json.dumps(record, sort_keys=True) + "\n"
+    if fresh:
+        write_text_atomic(path, line)
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(folder: Path, model, cfg: Config, meta: dict, optimizer=None, scheduler=None, state=None) -> None:
+    """Weights (safetensors) + config.json + meta.json, and with an optimiser the full training state:
+    optimizer.safetensors (moments), state.json (param groups, scheduler, loop counters), rng.safetensors."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_weights(model, tmp / "model.safetensors")
+        write_text_atomic(tmp / "config.json", cfg.to_json() + "\n")
+        write_text_atomic(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        if optimizer is not None:
+            osd = optimizer.state_dict()
+            tensors = {f"state/{pid}/{name}": v for pid, st in osd["state"].items() for name, v in st.items()}
+            save_safetensors_atomic(tensors, tmp / "optimizer.safetensors")
+            save_safetensors_atomic({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
+            sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+            write_text_atomic(tmp / "state.json", json.dumps(
+                {"param_groups": osd["param_groups"], "scheduler": sched, "loop": state}, indent=1) + "\n")
+        _swap_dir(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful swap; removed after a failure
 
 
 def _swap_dir(tmp: Path, final: Path) -> None:
@@ -130,327 +455,93 @@ def _swap_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def save_checkpoint(folder: Path, model, cfg: Config, meta: dict, optimizer=None, scheduler=None, state=None) -> None:
-    """Weights (safetensors) + config.json + meta.json, and with an optimiser the full training state:
-    optimizer.safetensors (moments), state.json (param groups, scheduler, loop counters), rng.safetensors."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_weights(model, tmp / "model.safetensors")
-    write_text_atomic(tmp / "config.json", cfg.to_json() + "\n")
-    write_text_atomic(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
-    if optimizer is not None:
-        osd = optimizer.state_dict()
-        tensors = {f"state/{pid}/{name}": t for pid, s in osd["state"].items() for name, t in s.items()}
-        save_safetensors_atomic(tensors, tmp / "optimizer.safetensors")
-        save_safetensors_atomic({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
-        sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-        write_text_atomic(
-            tmp / "state.json",
-            json.dumps({"param_groups": osd["param_groups"], "scheduler": sched, "loop": state}, indent=1) + "\n",
-        )
-    _swap_dir(tmp, folder)
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Hold Ctrl-C until the block has finished (main thread only), then raise it: checkpoints stay whole."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
-def _find_checkpoint(folder: Path) -> Path | None:
-    for cand in (folder, folder.with_name(folder.name + ".old")):  # .old survives a kill inside _swap_dir
-        if (cand / "state.json").is_file() and (cand / "model.safetensors").is_file():
-            return cand
-    return None
+# ---------------------------------------------------------------------------------------------- step 7: finish
 
 
-def _config_diff(a: dict, b: dict, prefix="") -> list[str]:
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            diffs += _config_diff(va, vb, f"{prefix}{key}.")
-        elif va != vb and tuple(f"{prefix}{key}".split(".")) not in RESUME_FREE:
-            diffs.append(f"{prefix}{key}: {va!r} -> {vb!r}")
-    return diffs
+def finish(s: Session, t: Trainer, data: DataBundle, loop: Loop) -> dict | None:
+    """The selected checkpoint scored once on the query split: report.json (rank 0)."""
+    s.barrier()
+    report = None
+    if s.main:
+        best = s.out / "best"
+        if not (best / "model.safetensors").is_file():
+            raise DcmfgError(f"{s.out}: no best checkpoint was written (no epoch finished)")
+        load_weights(t.model, best / "model.safetensors")
+        report = retrieval_for_split(t.model, data, s.cfg, "query", s.device)
+        report.update(config=s.cfg.to_dict(), config_digest=t.meta["config_digest"], best_epoch=loop.best_epoch,
+                      best_val=loop.best, select_metric=s.cfg.train.select_metric, epochs_run=loop.epoch,
+                      checkpoint="best", split_sha256=data.split_sha256)
+        write_json_atomic(s.out / "report.json", report)
+    s.barrier()
+    return report
 
 
-def load_training_state(folder: Path, model, cfg: Config, optimizer, scheduler) -> dict:
-    """Resume: refuse a checkpoint from another model or config (naming the keys), then restore everything."""
-    from safetensors.torch import load_file
-
-    saved = json.loads((folder / "config.json").read_text())
-    diffs = _config_diff(saved, cfg.to_dict())
-    if diffs:
-        raise ConfigError(
-            f"{folder}: checkpoint was made with a different config ({'; '.join(diffs[:6])}); "
-            f"use another --out folder or the same config"
-        )
-    load_weights(model, folder / "model.safetensors")
-    st = json.loads((folder / "state.json").read_text())
-    tensors = load_file(str(folder / "optimizer.safetensors"))
-    state: dict = {}
-    for key, t in tensors.items():
-        _, pid, name = key.split("/", 2)
-        state.setdefault(int(pid), {})[name] = t
-    optimizer.load_state_dict({"state": state, "param_groups": st["param_groups"]})
-    sched = scheduler.state_dict()
-    sched.update(st["scheduler"])
-    scheduler.load_state_dict(sched)
-    torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["torch_cpu"])
-    return st["loop"]
-
-
-# ---------------------------------------------------------------------------------------------- loop
-
-
-def _lr_lambda(total_steps: int, warmup_steps: int):
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return f
-
-
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """A seeded permutation cut into batches; a last batch under half the size joins the previous one (a tiny
-    graph would make kNN meaningless and k could exceed it)."""
-    perm = torch.randperm(n, generator=generator)
-    chunks = list(torch.split(perm, batch_size))
-    if len(chunks) > 1 and len(chunks[-1]) < batch_size // 2:
-        last = chunks.pop()  # pop first: `chunks[-2] = cat(..., pop())` would write to the wrong slot
-        chunks[-1] = torch.cat([chunks[-1], last])
-    return chunks
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _trim_jsonl(path: Path, epochs_done: int) -> list[dict]:
-    """On resume, drop lines of epochs the checkpoint does not include (a kill after logging, before saving)."""
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("epoch", 0) <= epochs_done]  # record epochs are 1-based
-    write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    return rows
-
-
-def default_run_dir(cfg: Config) -> Path:
-    from hashlib import sha256
-
-    from dcmfg.paths import cache_dir
-
-    h = sha256(cfg.to_json().encode()).hexdigest()[:10]
-    return cache_dir() / "runs" / f"{cfg.model.name}-seed{cfg.seed}-{h}"
+# ---------------------------------------------------------------------------------------------- all steps
 
 
 def train(config: Config | dict | str | Path, out_dir: str | Path | None = None, *, resume: bool = True,
-          data: DataBundle | None = None) -> RunResult:
+          overwrite: bool = False, data: DataBundle | None = None) -> RunResult:
     """Train a model by the config; resumes from `out_dir/last` when present; ends by evaluating the selected
     checkpoint on the query split (report.json). `data` lets a caller reuse loaded features."""
+    cfg = _as_config(config)
     # Multi-threaded CPU scatter/index kernels add in a varying order; the deterministic variants make the same
     # seed give the same numbers to the last bit (measured: without it, epoch losses differ at 1e-7).
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
+    s = setup(cfg, out_dir, resume=resume, overwrite=overwrite)
+    loop = Loop()
     try:
-        return _train(config, out_dir, resume=resume, data=data)
+        data = load_run_data(s) if data is None else _with_run_split(s, data)
+        t = build(s, data)
+        loop, history = resume_state(s, t)
+        while not loop.done:
+            t0 = time.time()
+            terms = run_epoch(s, t, data, loop)
+            history.append(validate_and_select(s, t, data, loop, terms, time.time() - t0))
+        report = finish(s, t, data, loop)
+        return RunResult(s.out, report, loop.best_epoch, loop.best, history)
+    except KeyboardInterrupt:
+        kept = find_checkpoint(s.out / "last")
+        raise TrainingInterrupted(
+            f"interrupted; {f'the checkpoint of epoch {loop.epoch} is kept in {kept}' if kept else 'no epoch had finished'}"
+            f" (run the same command again to {'resume' if kept else 'start'})"
+        ) from None
     finally:
         torch.use_deterministic_algorithms(previous)
 
 
-def _train(config, out_dir, *, resume: bool, data: DataBundle | None) -> RunResult:
+def _as_config(config) -> Config:
     if isinstance(config, (str, Path)):
-        cfg = load_config(config)
-    elif isinstance(config, dict):
-        cfg = config_from_dict(config)
-    else:
-        cfg = config
-    tc = cfg.train
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    rank, world, device = _dist_setup(tc.device)
-    out = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    if world > 1:
-        dist.barrier()  # the split file is made by rank 0 below; others read it
-    if data is None:
-        if world > 1 and rank != 0:
-            dist.barrier()
-        data = load_data(cfg, out)
-        if world > 1 and rank == 0:
-            dist.barrier()
-    if rank == 0 and not cfg.data.split and not (out / "split.json").is_file():
-        from dcmfg.data.splits import save_split
-
-        save_split(data.split, out / "split.json")  # evaluate reads the run's own split back
-    train_idx = data.part("train")
-    if len(train_idx) < 2:
-        raise ConfigError(f"the training split has {len(train_idx)} usable items; need at least 2")
-    dims = (data.feats["image_global"].shape[1], data.feats["text_global"].shape[1], data.labels.shape[1])
-    cfg.model.num_labels = int(dims[2])
-    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
-    model = create_model(cfg.model.name, cfg, *dims).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    steps_per_epoch = len(_batches(len(train_idx), tc.batch_size, torch.Generator().manual_seed(0)))
-    total = steps_per_epoch * tc.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(total, min(tc.warmup_epochs * steps_per_epoch, max(total - 1, 1)))
-    )
-    meta = {
-        "model": cfg.model.name,
-        "image_dim": int(dims[0]),
-        "text_dim": int(dims[1]),
-        "num_labels": int(dims[2]),
-        "dataset_fingerprint": data.dataset.fingerprint(),
-        "split_fingerprint": data.split.fingerprint,
-        "feature_key": data.feature_key,
-    }
-    loop = {"epoch": 0, "step": 0, "best": -1.0, "best_epoch": -1, "bad_epochs": 0, "done": False}
-    metrics_path = out / "metrics.jsonl"
-    history: list[dict] = []
-    ckpt = _find_checkpoint(out / "last") if resume else None
-    fresh_metrics = ckpt is None  # a fresh run replaces metrics.jsonl at its first epoch (not before: nothing lost)
-    if ckpt is not None:
-        loop = load_training_state(ckpt, model, cfg, optimizer, scheduler)
-        # train.epochs / patience may have been raised to extend a finished run
-        loop["done"] = loop["bad_epochs"] >= tc.patience or loop["epoch"] >= tc.epochs
-        if rank == 0:
-            history = _trim_jsonl(metrics_path, loop["epoch"])
-    ddp = model
-    if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    from tqdm.auto import tqdm
-
-    labels = data.labels.to(device)
-    for epoch in range(loop["epoch"], tc.epochs):
-        if loop["done"]:
-            break
-        # Everything random in an epoch derives from (seed, epoch): a resumed epoch replays exactly.
-        torch.manual_seed(cfg.seed * 100_003 + epoch)
-        batches = _batches(len(train_idx), tc.batch_size, torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        model.train()
-        sums: dict[str, float] = {}
-        t0 = time.time()
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not tc.progress or rank != 0, leave=False)
-        for b in bar:
-            idx = train_idx[b.numpy()]
-            gather = None
-            if world > 1:
-                shards = np.array_split(idx, world)
-                sizes = [len(s) for s in shards]
-                local = shards[rank]
-                gather = _gather_fn(sizes, rank)
-            else:
-                local = idx
-            batch = take(data.feats, local, device, words=word_limit(data.feats, idx))  # same width on every rank
-            try:
-                out_ = ddp(batch, gather=gather)
-                loss, parts = total_loss(out_, labels[torch.as_tensor(idx, device=device)], cfg.loss)
-            except NonFiniteFeatures as exc:  # NaN reached the graph before the loss: the same failure
-                loss, parts = torch.tensor(float("nan")), {"graph": float("nan")}
-                parts_note = f" ({exc})"
-            else:
-                parts_note = ""
-            if not torch.isfinite(loss):
-                last = _find_checkpoint(out / "last")
-                where = f"{last} (after epoch {json.loads((last / 'state.json').read_text())['loop']['epoch']})" if last else "none yet (it failed in the first epoch)"
-                raise TrainingDiverged(
-                    f"loss became {float(loss)} at epoch {epoch + 1}, step {loop['step'] + 1} "
-                    f"(terms: {', '.join(f'{k}={v:.4g}' for k, v in parts.items())}){parts_note}; training stopped. "
-                    f"Last good checkpoint: {where}. Lower train.lr or check the features."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            loop["step"] += 1
-            for k, v in {"loss": float(loss.detach()), **parts}.items():
-                sums[k] = sums.get(k, 0.0) + v
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        val = validation_scores(model, data, cfg, device)
-        score = val[tc.select_metric] if tc.select_metric in val else val["val_map_mean"]
-        improved = score > loop["best"]
-        if improved:
-            loop["best"], loop["best_epoch"], loop["bad_epochs"] = score, epoch + 1, 0
-        else:
-            loop["bad_epochs"] += 1
-        loop["epoch"] = epoch + 1
-        loop["done"] = loop["bad_epochs"] >= tc.patience or epoch + 1 >= tc.epochs
-        record = {
-            "epoch": epoch + 1,
-            "step": loop["step"],
-            "lr": scheduler.get_last_lr()[0],
-            **{k: v / len(batches) for k, v in sums.items()},
-            **val,
-            "best_epoch": loop["best_epoch"],
-            "seconds": round(time.time() - t0, 3),
-        }
-        history.append(record)
-        if rank == 0:
-            if improved:
-                save_checkpoint(out / "best", model, cfg, {**meta, "epoch": epoch + 1, **val})
-            if fresh_metrics:
-                write_text_atomic(metrics_path, json.dumps(record, sort_keys=True) + "\n")
-                fresh_metrics = False
-            else:
-                _append_jsonl(metrics_path, record)
-            save_checkpoint(out / "last", model, cfg, {**meta, "epoch": epoch + 1, **val}, optimizer, scheduler, dict(loop))
-            if tc.progress:
-                print(
-                    f"epoch {epoch + 1}: loss {record.get('loss', float('nan')):.4f}  val mAP I->T {val['val_map_i2t']:.4f} "
-                    f"T->I {val['val_map_t2i']:.4f}{'  *' if improved else ''}",
-                    file=sys.stderr,
-                )
-        if loop["done"]:
-            break
-
-    report = None
-    if world > 1:
-        dist.barrier()
-    if rank == 0:
-        best = out / "best"
-        if not (best / "model.safetensors").is_file():
-            raise DcmfgError(f"{out}: no best checkpoint was written (no epoch finished)")
-        load_weights(model, best / "model.safetensors")
-        report = retrieval_for_split(model, data, cfg, "query", device)
-        report["config"] = cfg.to_dict()
-        report["best_epoch"] = loop["best_epoch"]
-        report["best_val"] = loop["best"]
-        report["checkpoint"] = str(best)
-        write_json_atomic(out / "report.json", report)
-    if world > 1:
-        dist.barrier()
-    return RunResult(out, report, loop["best_epoch"], loop["best"], history)
+        return load_config(config)
+    if isinstance(config, dict):
+        return config_from_dict(config)
+    return config
 
 
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def _add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="YAML config (configs/dcmfg.yaml, linear, dcmh, dcmht)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set graph.k=8 (repeatable; values parsed as YAML)")
-    p.add_argument("--out", default=None, help="run folder (default: under DCMFG_CACHE/runs)")
-    p.add_argument("--no-resume", action="store_true", help="start afresh even if OUT/last exists")
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a model; ends with report.json on the query split")
-    _add_args(p)
-    p.set_defaults(func=_cli)
-
-
-def _cli(args) -> int:
-    cfg = load_config(args.config, args.overrides)
-    res = train(cfg, args.out, resume=not args.no_resume)
+def run_command(args) -> int:
+    """`dcmfg train` (the arguments are defined in dcmfg/cli.py)."""
+    overrides = list(args.overrides) + ([f"train.device={args.device}"] if getattr(args, "device", None) else [])
+    cfg = load_config(args.config, overrides)
+    res = train(cfg, args.out, resume=not args.no_resume, overwrite=args.overwrite)
     if res.report is not None:
         print(
             f"best epoch {res.best_epoch} (val {res.best_val:.4f}); query mAP@all I->T {res.map_i2t:.4f} "
@@ -461,18 +552,10 @@ def _cli(args) -> int:
 
 def main(argv=None) -> int:
     """`python -m dcmfg.train` / `torchrun -m dcmfg.train`: the same arguments as `dcmfg train`."""
-    from dcmfg.errors import is_user_error
+    from dcmfg.cli import main as cli_main
 
-    p = argparse.ArgumentParser(prog="dcmfg.train", description=__doc__)
-    _add_args(p)
-    args = p.parse_args(argv)
     try:
-        return _cli(args)
-    except Exception as exc:
-        if is_user_error(exc):
-            print(f"dcmfg: error: {exc}", file=sys.stderr)
-            return 2
-        raise
+        return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

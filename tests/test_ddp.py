@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dcmfg.config import load_config
-from dcmfg.evaluate import load_data
+from dcmfg.bundle import load_data
 from dcmfg.train import train
 
 REPO = Path(__file__).resolve().parents[1]

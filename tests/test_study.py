@@ -65,11 +65,12 @@ def test_per_notebook_typo_is_refused_and_common_values_are_filtered(tmp_path):
 
 
 def test_cli_registers_study_run():
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command", required=True)
-    study.register(sub)
+    from dcmfg.cli import build_parser
+
+    parser = build_parser()
     args = parser.parse_args(["study", "run", "--params", "quick", "--out-book", "/x", "--skip-build"])
-    assert args.func is study._cmd_run and args.params == "quick" and args.out_book == "/x" and args.skip_build
+    assert args.handler == "dcmfg.study:run_command" and callable(study.run_command)
+    assert args.params == "quick" and args.out_book == "/x" and args.skip_build
     assert parser.parse_args(["study", "run"]).params == "full"
 
 

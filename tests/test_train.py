@@ -16,7 +16,8 @@ import torch
 
 from dcmfg.config import load_config
 from dcmfg.errors import ConfigError, DcmfgError
-from dcmfg.evaluate import evaluate, load_data
+from dcmfg.bundle import load_data
+from dcmfg.evaluate import evaluate
 from dcmfg.train import TrainingDiverged, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,21 +178,111 @@ def test_cli_train_and_evaluate_one_line_errors(tmp_path, syn_data, capsys):
 
     rc = main(["--config", str(REPO / "configs/dcmfg.yaml"), "--out", str(tmp_path / "r"), "--set", "graph.nope=1"])
     assert rc == 2 and "unknown config key 'graph.nope'" in capsys.readouterr().err
-    from dcmfg.evaluate import register
-    import argparse
+    from dcmfg.cli import main as dcmfg
 
-    p = argparse.ArgumentParser()
-    register(p.add_subparsers())
-    args = p.parse_args(["evaluate", "--checkpoint", str(tmp_path / "missing"), "--split", "query"])
-    with pytest.raises(DcmfgError, match="not a dcmfg checkpoint"):
-        args.func(args)
+    assert dcmfg(["evaluate", "--checkpoint", str(tmp_path / "missing"), "--split", "query"]) == 2
+    assert "missing: run or checkpoint folder not found" in capsys.readouterr().err
+    assert dcmfg(["evaluate", "--checkpoint", str(tmp_path), "--split", "query"]) == 2
+    assert "not a dcmfg checkpoint" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("n,batch_size", [(200, 128), (526, 128), (10, 4), (64, 64)])
 def test_batches_cover_every_item_once(n, batch_size):
-    from dcmfg.train import _batches
+    from dcmfg.train import batches
 
-    chunks = _batches(n, batch_size, torch.Generator().manual_seed(0))
+    chunks = batches(n, batch_size, torch.Generator().manual_seed(0))
     allidx = torch.cat(chunks)
     assert sorted(allidx.tolist()) == list(range(n))  # each item trained exactly once per epoch
     assert all(len(c) >= batch_size // 2 for c in chunks)
+
+
+def _cli_cmd(run: Path, *settings: str) -> list[str]:
+    cmd = [sys.executable, "-m", "dcmfg.cli", "train", "--config", str(REPO / "configs/dcmfg.yaml"), "--out", str(run)]
+    for s in SYN + list(settings):
+        cmd += ["--set", s]
+    return cmd
+
+
+def test_ctrl_c_exits_130_with_one_line_and_leaves_a_resumable_run(tmp_path, syn_data):
+    run = tmp_path / "run"
+    cmd = _cli_cmd(run, "train.epochs=8", "train.patience=100")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.05)
+    assert proc.poll() is None, "run finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate()[1].strip().splitlines()
+    assert proc.returncode == 130, err
+    assert len(err) == 1 and err[0].startswith("dcmfg: interrupted; the checkpoint of epoch ") and "resume" in err[0]
+    assert not [p for p in run.rglob("*") if ".tmp" in p.name], sorted(run.rglob("*"))
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [e for e, *_ in _val_curve(run)] == list(range(1, 9))
+
+
+def test_a_finished_run_is_replaced_only_with_overwrite(tmp_path, syn_data, capsys):
+    from dcmfg.cli import main
+
+    run = tmp_path / "run"
+    train(_cfg("train.epochs=1"), run, data=syn_data)
+    before = (run / "report.json").read_bytes()
+    args = ["train", "--config", str(REPO / "configs/dcmfg.yaml"), "--out", str(run), "--no-resume"]
+    args += [x for s in SYN + ["train.epochs=2"] for x in ("--set", s)]
+    assert main(args) == 2
+    assert f"{run} holds a finished run (report.json); pass --overwrite" in capsys.readouterr().err
+    assert (run / "report.json").read_bytes() == before
+    assert main(args + ["--overwrite"]) == 0
+    assert [e for e, *_ in _val_curve(run)] == [1, 2]
+
+
+def test_a_run_is_scored_on_its_own_split_copy(tmp_path, syn_data, capsys):
+    from dcmfg.cli import main
+    from dcmfg.data.splits import make_split, save_split
+    from dcmfg.fileio import file_sha256
+
+    split = save_split(make_split(syn_data.dataset, query=0.2, val=0.1, seed=0), tmp_path / "split.json")
+    run = tmp_path / "run"
+    res = train(_cfg("train.epochs=2", f"data.split={split}"), run)
+    assert (run / "split.json").read_bytes() == split.read_bytes()
+    assert json.loads((run / "best" / "meta.json").read_text())["split_sha256"] == file_sha256(split)
+    # the user draws another split into the same file: the old run must still be scored on its own
+    save_split(make_split(syn_data.dataset, query=0.2, val=0.1, seed=1), split)
+    assert main(["evaluate", "--checkpoint", str(run), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"note: {split} now holds another split than the one this run was trained on" in out
+    again = json.loads((run / "evaluate_query.json").read_text())
+    assert (again["map_i2t"], again["map_t2i"]) == pytest.approx((res.map_i2t, res.map_t2i), abs=1e-6)
+    # a changed copy inside the run folder is refused: its scores would not be the run's
+    save_split(make_split(syn_data.dataset, query=0.2, val=0.1, seed=2), run / "split.json")
+    assert main(["evaluate", "--checkpoint", str(run), "--device", "cpu"]) == 2
+    assert "split.json: the run's split copy has changed since training" in capsys.readouterr().err
+
+
+def test_damaged_checkpoint_files_are_one_line_errors(tmp_path, syn_data, capsys):
+    from dcmfg.cli import main
+
+    run = tmp_path / "run"
+    train(_cfg("train.epochs=1"), run, data=syn_data)
+    for name in ("config.json", "meta.json"):
+        path = run / "best" / name
+        good = path.read_bytes()
+        path.write_bytes(good[: len(good) // 2])
+        assert main(["evaluate", "--checkpoint", str(run), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"dcmfg: error: {path}: unreadable") and "\n" not in err, err
+        path.write_bytes(good)
+    state = run / "last" / "state.json"
+    state.write_text(state.read_text()[:50])
+    with pytest.raises(ConfigError, match=r"state.json: unreadable .*damaged"):
+        train(_cfg("train.epochs=2"), run, data=syn_data)
+
+
+@pytest.mark.parametrize("metric", ["map_i2t", "map_t2i"])
+def test_select_metric_selects_by_the_named_direction(tmp_path, syn_data, metric):
+    run = tmp_path / "run"
+    res = train(_cfg("train.epochs=4", "train.patience=100", f"train.select_metric={metric}"), run, data=syn_data)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    values = [r[f"val_{metric}"] for r in rows]
+    assert res.best_epoch == 1 + values.index(max(values)) and res.best_val == max(values)
+    assert res.report["select_metric"] == metric
