@@ -8,27 +8,11 @@ from pathlib import Path
 from .base import DatasetError
 
 
-def _value(text: str):
-    """A --option value: true/false, an int, a float, else the string."""
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
 def _options(pairs: list[str] | None) -> dict:
-    out = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise DatasetError(f"--option {pair!r}: expected KEY=VALUE (e.g. cleaned=false, concepts=tc10)")
-        key, value = pair.split("=", 1)
-        out[key.strip()] = _value(value.strip())
-    return out
+    """--option KEY=VALUE pairs as loader keyword arguments (values read as YAML scalars, like --set)."""
+    from dcmfg.config import parse_assignment
+
+    return dict(parse_assignment(pair, "--option") for pair in pairs or [])
 
 
 def _size(text: str):
