@@ -602,6 +602,7 @@ def retrieval_report(
     denominators: Sequence[str] = ("relevant",),
     ndcg: bool = True,
     pr_hamming: bool = True,
+    distributed: bool = False,
 ) -> pd.DataFrame:
     """Both directions, tidy: one row per value with columns direction, metric, k, value, variant, distance.
 
@@ -610,6 +611,10 @@ def retrieval_report(
     and R at `ks`, NDCG at `ks`, for Hamming also the tie-aware mAP@all (when `ties="stable"`) and the
     PR-hamming curve (k = radius), and `empty-queries` (how many queries have no relevant item). The rows of
     the requested rule come first; `report_summary` reads those.
+
+    `distributed=True` under an initialised torch.distributed process group: every rank calls it with the same
+    inputs, each ranks its own block of query chunks, the per-query values are gathered, and every rank returns
+    the same frame, equal to a single process's (the chunks are the same, so every per-query value is too).
     """
     _check_choice(ties, "ties", ("stable", "expected"))
     _check_choice(empty, "empty", ("zero", "exclude"))
@@ -622,7 +627,7 @@ def retrieval_report(
     for direction, query, database in directions:
         p = _prepare(query, database, query_labels, database_labels, distance)
         for metric, k, value, variant in _direction_report(p, map_ks, denominators, ks, ties, empty, ndcg,
-                                                           pr_hamming, chunk_size):
+                                                           pr_hamming, chunk_size, distributed):
             rows.append({"direction": direction, "metric": metric, "k": np.nan if k is None else k,
                          "value": float(value), "variant": variant, "distance": distance})
         rows.append({"direction": direction, "metric": "empty-queries", "k": np.nan,
@@ -631,7 +636,8 @@ def retrieval_report(
     return pd.DataFrame(rows, columns=["direction", "metric", "k", "value", "variant", "distance"])
 
 
-def _direction_report(p: _Prepared, map_ks, denominators, ks, ties, empty, ndcg, pr_hamming, chunk_size) -> list:
+def _direction_report(p: _Prepared, map_ks, denominators, ks, ties, empty, ndcg, pr_hamming, chunk_size,
+                      distributed: bool = False) -> list:
     """The report rows (metric, k, value, variant) of one direction from ONE ranking per query chunk: every stable
     metric (mAP@K for each K and denominator, P/R@K, NDCG@K) reads the same order, the tie-aware values and the
     Hamming PR curve the same per-distance histograms. The numbers equal those of the single-metric functions
@@ -653,19 +659,18 @@ def _direction_report(p: _Prepared, map_ks, denominators, ks, ties, empty, ndcg,
     use_hist = hamming and (bool(exp_kks) or pr_hamming)
     n_bits = p.query.shape[1]
 
-    f64 = dict(dtype=torch.float64, device=dev)
-    stable_pq = [torch.empty(p.n_query, **f64) for _ in stable_maps]
-    stable_nrel = [torch.empty(p.n_query, **f64) for _ in stable_maps]
-    exp_pq = torch.empty(p.n_query, len(exp_kks), **f64)
-    exp_nrel = torch.empty(p.n_query, **f64)
-    hits = torch.empty(p.n_query, len(pr_ks), **f64)
-    n_rel = torch.empty(p.n_query, **f64)
-    nd = torch.empty(p.n_query, len(pr_ks), **f64) if ndcg else None
-    if use_hist and pr_hamming:
-        total, found = torch.empty(p.n_query, n_bits + 1, **f64), torch.empty(p.n_query, n_bits + 1, **f64)
-        hist_nrel = torch.empty(p.n_query, **f64)
+    # per-query values, one row per query: every mean below is taken over these
+    width = {"stable_pq": len(stable_maps), "stable_nrel": len(stable_maps), "exp_pq": len(exp_kks), "exp_nrel": 1,
+             "hits": len(pr_ks), "n_rel": 1, "nd": len(pr_ks) if ndcg else 0,
+             "total": n_bits + 1 if use_hist and pr_hamming else 0, "found": n_bits + 1 if use_hist and pr_hamming
+             else 0, "hist_nrel": 1}
+    acc = {name: torch.zeros(p.n_query, w, dtype=torch.float64, device=dev) for name, w in width.items()}
+    stable_pq, stable_nrel, exp_pq, hits, nd, total, found = (acc[k] for k in (
+        "stable_pq", "stable_nrel", "exp_pq", "hits", "nd", "total", "found"))
+    exp_nrel, n_rel, hist_nrel = acc["exp_nrel"][:, 0], acc["n_rel"][:, 0], acc["hist_nrel"][:, 0]
+    chunks, sharded = _shard(list(_chunk_rows(p.n_query, n_db, chunk_size)), distributed)
     ws: dict = {}
-    for rows in _chunk_rows(p.n_query, n_db, chunk_size):
+    for rows in chunks:
         shared = _shared_labels(p, rows)
         rel = shared > 0
         groups = None
@@ -681,8 +686,8 @@ def _direction_report(p: _Prepared, map_ks, denominators, ks, ties, empty, ndcg,
             sums, got = _ap_stable_sum(rel_sorted, kk)
             big_r = got if kk == n_db else count
             d = big_r.clamp(max=kk) if den == "relevant" else got
-            stable_nrel[j][rows] = big_r
-            stable_pq[j][rows] = torch.where(d > 0, sums / d.clamp(min=1), 0.0)
+            stable_nrel[rows, j] = big_r
+            stable_pq[rows, j] = torch.where(d > 0, sums / d.clamp(min=1), 0.0)
         n_rel[rows] = count
         hits[rows] = torch.cumsum(rel_sorted[:, :kmax], dim=1, dtype=torch.float64).index_select(1, cols)
         if ndcg:
@@ -700,16 +705,18 @@ def _direction_report(p: _Prepared, map_ks, denominators, ks, ties, empty, ndcg,
             sums = _expected_ap_sums(n_g, r_g, exp_kks, harmonic)
             d = torch.stack([big_r.clamp(max=kk) for kk in exp_kks], dim=1)
             exp_pq[rows] = torch.where(d > 0, sums / d.clamp(min=1), 0.0)
+    if sharded:
+        _gather_rows(acc, chunks)
 
     out = []
     for k in wanted:  # mAP rows in the order of map_k, then denominators
         for den in denominators:
             if ties == "stable":
                 j = stable_maps.index((k, n_db if k is None else k, den))
-                value, _ = _finish(stable_pq[j], stable_nrel[j] == 0, empty)
+                value, _ = _finish(stable_pq[:, j].contiguous(), stable_nrel[:, j] == 0, empty)
             elif den == "relevant":
                 j = expected_maps.index((k, n_db if k is None else k))
-                value, _ = _finish(exp_pq[:, j], exp_nrel == 0, empty)
+                value, _ = _finish(exp_pq[:, j].contiguous(), exp_nrel == 0, empty)
             else:
                 continue
             out.append(("mAP", k, value, _variant("mAP", k, denominator=den, ties=ties, empty=empty)))
@@ -722,7 +729,7 @@ def _direction_report(p: _Prepared, map_ks, denominators, ks, ties, empty, ndcg,
                                                           empty=empty)))
     if hamming:
         if extra_expected:
-            value, _ = _finish(exp_pq[:, -1], exp_nrel == 0, empty)
+            value, _ = _finish(exp_pq[:, -1].contiguous(), exp_nrel == 0, empty)
             out.append(("mAP", None, value, _variant("mAP", None, denominator="relevant", ties="expected",
                                                      empty=empty)))
         if pr_hamming:
@@ -731,6 +738,31 @@ def _direction_report(p: _Prepared, map_ks, denominators, ks, ties, empty, ndcg,
                             f"PR-hamming radius={rec.radius} empty={empty}"))
                 out.append(("PR-hamming-R", rec.radius, rec.recall, f"PR-hamming radius={rec.radius} empty={empty}"))
     return out
+
+
+def _shard(chunks: list[slice], distributed: bool) -> tuple[list[slice], bool]:
+    """This rank's contiguous block of query chunks under an initialised process group (else all of them)."""
+    if not distributed:
+        return chunks, False
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return chunks, False
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per = -(-len(chunks) // world)
+    return chunks[rank * per:(rank + 1) * per], True
+
+
+def _gather_rows(acc: dict[str, torch.Tensor], mine: list[slice]) -> None:
+    """Fill every rank's per-query tensors with the rows the other ranks computed."""
+    import torch.distributed as dist
+
+    a, b = (mine[0].start, mine[-1].stop) if mine else (0, 0)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (a, b, {k: v[a:b].cpu() for k, v in acc.items()}))
+    for a, b, part in parts:
+        for k, v in part.items():
+            acc[k][a:b] = v.to(acc[k].device)
 
 
 def report_summary(df: pd.DataFrame) -> dict:
