@@ -64,6 +64,22 @@ def _add_study(sub) -> None:
     r.set_defaults(handler="dcmfg.study:run_command")
 
 
+def _add_search(sub) -> None:
+    p = sub.add_parser("search", help="search a trained run with a text, an image file or a dataset item")
+    p.add_argument("--run", required=True, help="run folder (uses its best/) or a checkpoint folder")
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("--text", help="a free-text query, e.g. 'dog on a beach'")
+    q.add_argument("--image", help="an image file to query with")
+    q.add_argument("--item", help="a dataset item id: its text against images, its image against texts")
+    p.add_argument("--top", type=int, default=10, help="how many results (default 10)")
+    p.add_argument("--against", choices=("images", "texts"), default=None,
+                   help="rank images or texts (default: the other modality than the query's)")
+    p.add_argument("--distance", choices=("cosine", "hamming"), default=None,
+                   help="cosine on the embeddings or Hamming on the hash codes (default: the run's eval.distance)")
+    p.add_argument("--json", action="store_true", help="one JSON object per result line")
+    p.set_defaults(handler="dcmfg.query:run_command")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dcmfg.data.cli import register as register_data  # light: no torch
 
@@ -72,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     register_data(sub)
-    for add in (_add_features, _add_train, _add_evaluate, _add_study):
+    for add in (_add_features, _add_train, _add_evaluate, _add_search, _add_study):
         add(sub)
     return parser
 

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from dcmfg.errors import ConfigError, DcmfgError
+from dcmfg.errors import DcmfgError
 from dcmfg.modality import IMAGE, TEXT, Modality
 
 AGAINST = {"images": IMAGE, "texts": TEXT}
@@ -75,30 +75,18 @@ class Run:
             ) from None
 
 
-def _run_folder(path) -> Path:
-    path = Path(path)
-    return path.parent if path.name in ("best", "last") else path
-
-
 def open_run(path) -> Run:
-    """Load a run folder (its best/ checkpoint) or a checkpoint folder, with its data, bank and database."""
-    from dcmfg.evaluate import embed_parts, load_checkpoint_model, load_data, take
+    """Load a run folder (its best/ checkpoint) or a checkpoint folder, with its data (checked against what it was
+    trained on, as evaluation checks it), its bank and its database embedded as evaluation embeds it."""
+    from dcmfg.bundle import take
+    from dcmfg.evaluate import embed_parts, load_run
 
-    path = Path(path)
-    if not path.exists():
-        raise QueryError(f"{path}: no such run folder")
-    model, cfg, meta = load_checkpoint_model(path)
-    data = load_data(cfg, _run_folder(path))
-    if meta.get("dataset_fingerprint") and meta["dataset_fingerprint"] != data.dataset.fingerprint():
-        raise ConfigError(
-            f"{path}: trained on dataset fingerprint {meta['dataset_fingerprint']}, but {cfg.data.name} at "
-            f"{cfg.data.root} now has {data.dataset.fingerprint()}"
-        )
+    model, cfg, meta, data = load_run(path)
     train_idx, db_idx = data.part("train"), data.part("database")
     with torch.no_grad():
         bank = model.build_bank(take(data.feats, train_idx))
         database = embed_parts(model, data, train_idx, db_idx)
-    return Run(path, model, cfg, meta, data, train_idx, db_idx, bank, database)
+    return Run(Path(path), model, cfg, meta, data, train_idx, db_idx, bank, database)
 
 
 @functools.lru_cache(maxsize=8)
@@ -209,7 +197,7 @@ def image_query(run: Run, image, label: str | None = None) -> Query:
 
 def item_query(run: Run, item_id: str, modality: Modality) -> Query:
     """A dataset item's image or text, from the run's cached features (exactly what evaluation embeds)."""
-    from dcmfg.evaluate import take
+    from dcmfg.bundle import take
 
     row = run.row_of(item_id)
     if not bool(run.data.valid[row]):
@@ -394,23 +382,8 @@ def neighbour_table(run: Run, attention: list | None) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("search", help="search a trained run with a text, an image file or a dataset item")
-    p.add_argument("--run", required=True, help="run folder (uses its best/) or a checkpoint folder")
-    q = p.add_mutually_exclusive_group(required=True)
-    q.add_argument("--text", help="a free-text query, e.g. 'dog on a beach'")
-    q.add_argument("--image", help="an image file to query with")
-    q.add_argument("--item", help="a dataset item id: its text against images, its image against texts")
-    p.add_argument("--top", type=int, default=10, help="how many results (default 10)")
-    p.add_argument("--against", choices=sorted(AGAINST), default=None,
-                   help="rank images or texts (default: the other modality than the query's)")
-    p.add_argument("--distance", choices=("cosine", "hamming"), default=None,
-                   help="cosine on z or Hamming on the hash codes (default: the run's eval.distance)")
-    p.add_argument("--json", action="store_true", help="one JSON object per result line")
-    p.set_defaults(func=_cli)
-
-
-def _cli(args) -> int:
+def run_command(args) -> int:
+    """`dcmfg search` (the arguments are defined in dcmfg/cli.py)."""
     res = search(args.run, text=args.text, image=args.image, item=args.item, top=args.top, against=args.against,
                  distance=args.distance)
     if args.json:

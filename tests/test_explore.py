@@ -195,7 +195,7 @@ def test_bad_queries_are_one_line_errors(dcmfg_run, tmp_path, capsys):
         assert rc == 2 and out == ""
         assert len(err.strip().splitlines()) == 1 and re.search(pattern, err), err
     rc, _, err = _cli(["--run", str(tmp_path / "nope"), "--text", "x"], capsys)
-    assert rc == 2 and "no such run folder" in err
+    assert rc == 2 and "run or checkpoint folder not found" in err
 
 
 def test_plain_output_names_query_run_and_marks_relevance(dcmfg_run, capsys):
