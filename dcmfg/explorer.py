@@ -112,9 +112,8 @@ def results_html(res: Q.SearchResult, size: int = 128, other: Q.SearchResult | N
         badge = ""
         if other is not None:
             o = other_rank.get(r.row)
-            label = f"{other_name or 'other'}: {o}" if o is not None else f"{other_name or 'other'}: &gt;{len(other.table)}"
-            moved = "" if o == r.rank else (" (new)" if o is None else "")
-            badge = f'<div class="dcmfg-other-rank" style="font-size:0.75em;color:#555">{label}{moved}</div>'
+            label = f"{_esc(other_name or 'other')}: {o if o is not None else f'&gt;{len(other.table)}'}"
+            badge = f'<div class="dcmfg-other-rank" style="font-size:0.75em;color:#555">{label}</div>'
         img = f'<img class="dcmfg-thumb" alt="{_esc(r.id)}" src="{item_thumb(ds, r.row, size)}" '
         if res.against == "images":
             body = img + f'style="width:{size}px;height:{size}px;object-fit:cover"/>'
@@ -325,6 +324,14 @@ def show_queries(runs: dict, queries: list[dict], top: int = 8, distance: str | 
         parts.append(region_word_html(first, detail_rank))
         parts.append(neighbourhood_html(first))
         display(HTML('<div class="dcmfg-explorer-static" style="margin:1.5em 0">' + "".join(parts) + "</div>"))
+
+
+def example_queries(runs: dict, texts=(), query_items: int = 0) -> list[dict]:
+    """The book's fixed queries: each text, then the images of the first `query_items` items of the first run's
+    query split (items no run was trained on) against texts."""
+    first = Q.cached_run(next(iter(runs.values())))
+    items = [str(first.dataset.ids[int(i)]) for i in first.data.part("query")[: int(query_items)]]
+    return [{"text": str(t)} for t in texts] + [{"item": i, "against": "texts"} for i in items]
 
 
 def _distance_for(run: Q.Run, distance: str | None) -> str | None:
