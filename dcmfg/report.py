@@ -161,3 +161,176 @@ def headline_pairs(reports: list[dict], reference: str, confidence: float = 0.95
     table["difference [95% t interval]"] = [format_interval(r) for r in table.to_dict("records")]
     return table.rename(columns={"value": "direction", "n": "seeds"})[
         ["comparison", "distance", "direction", "difference [95% t interval]", "seeds", "verdict"]]
+
+
+# ---------------------------------------------------------------------------------------------- data and features
+
+
+def dataset_table(dataset, source: str) -> pd.DataFrame:
+    """What was loaded, from the dataset's own summary (counts, drops, words and labels per item)."""
+    s = dataset.summary()
+    rows = [("dataset", s["name"]), ("source", source), ("layout", s["layout"]),
+            ("items (image-text pairs)", s["items"]), ("labels", s["labels"]),
+            ("labels per item, mean / median", f"{s['labels_per_item']['mean']:.2f} / {s['labels_per_item']['median']:g}"),
+            ("words per text, mean / median", f"{s['words_per_item']['mean']:.2f} / {s['words_per_item']['median']:g}"),
+            ("fingerprint", s["fingerprint"]), *[(f"loader: {k}", v) for k, v in sorted(s["stats"].items())]]
+    return pd.DataFrame({"property": [r[0] for r in rows], "value": [str(r[1]) for r in rows]})
+
+
+def relevance_floor(labels) -> pd.DataFrame:
+    """Share of relevant items per query over the whole dataset (the query excluded): a random ranking's precision."""
+    import torch
+
+    L = torch.as_tensor(np.asarray(labels), dtype=torch.float32)
+    rel = (L @ L.T > 0).float()
+    rel.fill_diagonal_(0)
+    frac = (rel.sum(1) / max(len(L) - 1, 1)).numpy()
+    return pd.DataFrame([{"items": len(L), "mean fraction relevant (= random precision)": frac.mean(),
+                          "min": frac.min(), "max": frac.max(),
+                          "queries with no relevant item": int((rel.sum(1) == 0).sum())}])
+
+
+def split_table(paths: dict) -> pd.DataFrame:
+    """One row per split file (seed -> path): protocol, part sizes, and the first 16 hex digits of its SHA-256."""
+    from dcmfg.data.splits import load_split
+    from dcmfg.fileio import file_sha256
+
+    rows = []
+    for seed, path in paths.items():
+        sp = load_split(path)
+        rows.append({"seed": seed, "protocol": sp.protocol, **sp.sizes(), "sha256": file_sha256(path)[:16]})
+    return pd.DataFrame(rows)
+
+
+def feature_table(fs) -> pd.DataFrame:
+    """Shapes and dtypes of the cached feature tensors."""
+    names = ("image_global", "image_regions", "text_global", "text_words", "text_mask", "valid")
+    return pd.DataFrame([{"tensor": n, "shape": str(tuple(getattr(fs, n).shape)),
+                          "dtype": str(getattr(fs, n).dtype).replace("torch.", "")} for n in names])
+
+
+def raw_rankings(fs, labels, split) -> pd.DataFrame:
+    """mAP@all of the frozen features on their own: image->image, text->text, the raw (unaligned) cross-modal
+    rankings when both widths agree, and a random ranking, for the split's query part against its database."""
+    import torch
+
+    from dcmfg.metrics import mean_average_precision
+
+    q, db = torch.as_tensor(split["query"]), torch.as_tensor(split["database"])
+    L = torch.as_tensor(np.asarray(labels))
+    ig, tg = fs.image_global.float(), fs.text_global.float()
+    pairs = [("I->I", ig, ig), ("T->T", tg, tg)]
+    if ig.shape[1] == tg.shape[1]:
+        pairs += [("I->T (raw, unaligned)", ig, tg), ("T->I (raw, unaligned)", tg, ig)]
+    gen = torch.Generator().manual_seed(0)
+    pairs.append(("random ranking", torch.randn(len(ig), 16, generator=gen), torch.randn(len(ig), 16, generator=gen)))
+    return pd.DataFrame([{"ranking": name, "mAP@all": mean_average_precision(a[q], b[db], L[q], L[db])}
+                         for name, a, b in pairs])
+
+
+def raw_similarities(fs, labels, split, n: int = 20000) -> pd.DataFrame:
+    """A random sample of query-database cosines of the frozen features, with whether the pair is relevant."""
+    import torch
+    import torch.nn.functional as F
+
+    q, db = torch.as_tensor(split["query"]), torch.as_tensor(split["database"])
+    L = torch.as_tensor(np.asarray(labels)).float()
+    rel = (L[q] @ L[db].T > 0)
+    gen = torch.Generator().manual_seed(0)
+    frames = []
+    for name, a in (("image-image", fs.image_global.float()), ("text-text", fs.text_global.float())):
+        an = F.normalize(a, dim=1)
+        sim = an[q] @ an[db].T
+        pick = torch.randperm(sim.numel(), generator=gen)[:n]
+        frames.append(pd.DataFrame({"cosine": sim.flatten()[pick].numpy(), "relevant": rel.flatten()[pick].numpy(),
+                                    "pair": name}))
+    return pd.concat(frames, ignore_index=True)
+
+
+# ---------------------------------------------------------------------------------------------- benchmark tables
+
+
+def metric_rows(records: pd.DataFrame, metric: str, k=None, denominator: str | None = "relevant",
+                ties: str = "stable") -> pd.DataFrame:
+    """The rows of one metric from records_frame: mAP@all (k None) or @K, P/R/NDCG@K, for one tie rule (and one
+    denominator for mAP), as the variant strings of dcmfg.metrics name them."""
+    sel = records[records["metric"] == metric]
+    sel = sel[sel["k"].isna()] if k is None else sel[sel["k"] == k]
+    if metric == "mAP" and denominator is not None:
+        sel = sel[sel["variant"].str.contains(f"denominator={denominator}", regex=False)]
+    return sel[sel["variant"].str.contains(f"ties={ties}", regex=False)]
+
+
+def measured_summary(reports: list[dict]) -> pd.DataFrame:
+    """mAP@all per model, distance and direction over seeds (mean, std, n), for reported-vs-measured tables."""
+    frame = records_frame(reports)
+    maps = metric_rows(frame, "mAP")
+    bits = {r.get("label", r["model"]): r["config"]["model"]["hash_bits"] for r in reports}
+    out = maps.groupby(["model", "distance", "direction"], as_index=False)["value"].agg(
+        mean="mean", std=lambda v: v.std(ddof=1) if len(v) > 1 else np.nan, seeds="count")
+    out["bits"] = [bits[m] if d == "hamming" else None for m, d in zip(out["model"], out["distance"])]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- environment
+
+
+def environment(repo) -> pd.DataFrame:
+    """Python, platform, CPU, memory, GPU, git commit and the dcmfg environment variables of this build."""
+    import os
+    import platform
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    def first(path: str, key: str, cast=str) -> str:
+        try:
+            for line in Path(path).read_text().splitlines():
+                if line.startswith(key):
+                    return cast(line.split(":", 1)[1].strip())
+        except OSError:
+            pass
+        return "unknown"
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    env = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "CPU": first("/proc/cpuinfo", "model name"),
+        "CPU cores (os.cpu_count)": os.cpu_count(),
+        "torch threads": torch.get_num_threads(),
+        "memory (GiB)": first("/proc/meminfo", "MemTotal", lambda v: f"{int(v.split()[0]) / 2**20:.1f}"),
+        "GPU": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU run)",
+        "git commit": git("rev-parse", "HEAD") or "not a git checkout",
+        "uncommitted changes": "yes" if git("status", "--porcelain", "--untracked-files=no") else "no",
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", ""),
+        "DCMFG_DATA": "set" if os.environ.get("DCMFG_DATA") else "(unset)",
+        "DCMFG_CACHE": "set" if os.environ.get("DCMFG_CACHE") else "(unset: ~/.cache/dcmfg)",
+    }
+    return pd.DataFrame({"item": list(env), "value": [str(v) for v in env.values()]})
+
+
+def package_versions(requirements) -> pd.DataFrame:
+    """The pins of requirements.txt with the version installed here."""
+    from importlib import metadata
+    from pathlib import Path
+
+    rows = []
+    for line in Path(requirements).read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "==" not in line:
+            continue
+        name, pinned = line.split("==", 1)
+        try:
+            installed = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            installed = "missing"
+        rows.append({"package": name, "pinned": pinned, "installed": installed, "match": installed == pinned})
+    return pd.DataFrame(rows)

@@ -125,6 +125,8 @@ def check_parameters(namespace: dict, before: set) -> dict:
         raise ParameterError(f"unknown parameter {unknown[0]!r}; this notebook's parameters are: {', '.join(declared)}")
     values = {}
     for name, annotation in declared.items():
+        if isinstance(annotation, str):  # postponed annotations (a `from __future__ import annotations` upstream)
+            annotation = declared[name] = eval(annotation, dict(namespace))
         ok, value = _accepts(annotation, namespace.get(name))
         if not ok:
             raise ParameterError(
@@ -441,6 +443,22 @@ def load_params(path: str | os.PathLike) -> dict:
         "notebooks": {k: dict(v or {}) for k, v in notebooks.items()},
         "source": str(path),
     }
+
+
+def rerun_commands(param_set: str) -> list[str]:
+    """The papermill command that re-runs each notebook on its own with a parameter set's values."""
+    import shlex
+
+    import papermill as pm
+
+    p = load_params(resolve_params_path(param_set))
+    lines = []
+    for nb in notebook_names():
+        declared = pm.inspect_notebook(str(repo_dir() / "notebooks" / f"{nb}.ipynb"))
+        values = notebook_parameters(p, nb, declared)
+        args = " ".join(f"-p {k} {shlex.quote(v if isinstance(v, str) else json.dumps(v))}" for k, v in values.items())
+        lines.append(f"papermill notebooks/{nb}.ipynb out/{nb}.ipynb {args}".rstrip())
+    return lines
 
 
 def notebook_parameters(params: dict, notebook: str, declared: dict) -> dict:

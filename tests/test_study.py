@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -31,7 +31,7 @@ def test_named_sets_resolve_to_config_files():
         # every per-notebook section names a real notebook and only parameters that notebook declares
         import papermill as pm
 
-        for nb in study.NOTEBOOKS:
+        for nb in study.notebook_names():
             declared = pm.inspect_notebook(str(REPO / "notebooks" / f"{nb}.ipynb"))
             study.notebook_parameters(p, nb, declared)
 
@@ -140,31 +140,49 @@ def _data_folder() -> Path | None:
     return None
 
 
-@pytest.mark.slow
-def test_quick_study_builds_an_offline_book_that_renders(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory):
+    """The quick parameter set run once for this module, on the real subset when present, into a temporary book."""
     if _chromium() is None:
         pytest.skip("chromium not installed (make browser installs it)")
+    mp = pytest.MonkeyPatch()
     folder = _data_folder()
     if folder is not None:
-        monkeypatch.setenv("DCMFG_DATA", str(folder))
+        mp.setenv("DCMFG_DATA", str(folder))
     else:
-        monkeypatch.delenv("DCMFG_DATA", raising=False)
-    book, work = tmp_path / "book", tmp_path / "work"
-    result = study.run_study("quick", out_book=book, work_dir=work, log=lambda *_: None)
+        mp.delenv("DCMFG_DATA", raising=False)
+    tmp = tmp_path_factory.mktemp("quick")
+    result = study.run_study("quick", out_book=tmp / "book", log=lambda *_: None)
+    yield result, tmp
+    mp.undo()
+
+
+@pytest.mark.slow
+def test_quick_study_builds_an_offline_book_that_renders(quick_study):
+    result, tmp_path = quick_study
+    book = Path(result.book_dir)
 
     # every notebook ran, with its parameters recorded by papermill in its output
-    for nb in study.NOTEBOOKS:
+    for nb in study.notebook_names():
         out = nbformat.read(book / "chapters" / f"{nb}.ipynb", as_version=4)
-        assert out.metadata["papermill"]["parameters"]["work_dir"] == str(work)
+        assert "parameters" in out.metadata["papermill"]
         assert any("injected-parameters" in c.metadata.get("tags", []) for c in out.cells)
-    assert json.loads((work / "data.json").read_text())["synthetic"] == result.data["synthetic"]
+        for cell in out.cells:  # no library warning and no error in a published output
+            for o in cell.get("outputs", []):
+                assert o.get("output_type") != "error", f"{nb}: {o.get('ename')}: {o.get('evalue')}"
+                assert not (o.get("output_type") == "stream" and o.get("name") == "stderr"), f"{nb}: stderr {o['text'][:300]}"
 
     html = Path(result.html_dir)
     assert study.check_offline_html(html) == []
     for page in html.rglob("*.html"):
         text = page.read_text()
         assert '<script src="http' not in text and '<link href="http' not in text
-    pages = {nb: (html / "chapters" / f"{nb}.html").read_text() for nb in study.NOTEBOOKS}
+    pages = {nb: (html / "chapters" / f"{nb}.html").read_text() for nb in study.notebook_names()}
+    # the published book names no path of the build machine (parameter cells included)
+    machine = [str(Path.home()), str(REPO), str(tmp_path), os.environ.get("DCMFG_CACHE", "/nonexistent")]
+    for nb, text in pages.items():
+        for path in machine:
+            assert path not in text, f"{nb}: shows the build machine's path {path}"
     for nb in ["01-data", "04-benchmark", "06-ablations", "07-interpretability", "08-scaling", "09-comparison"]:
         assert "dcmfg-figure" in pages[nb] and "data:image/png;base64," in pages[nb], f"{nb}: no figure"
     for nb in ["01-data", "03-training", "04-benchmark", "06-ablations", "08-scaling", "09-comparison", "11-reproducibility"]:
@@ -183,8 +201,7 @@ def test_a_typo_in_any_section_fails_before_any_notebook_runs(tmp_path):
     f = tmp_path / "typo.yaml"
     f.write_text("common: {seeds: [0]}\nnotebooks:\n  08-scaling: {repeets: 2}\n")
     with pytest.raises(ConfigError, match=r"notebooks.08-scaling sets \['repeets'\]"):
-        study.run_study(str(f), out_book=tmp_path / "book", work_dir=tmp_path / "work", skip_build=True,
-                        log=lambda *_: None)
+        study.run_study(str(f), out_book=tmp_path / "book", skip_build=True, log=lambda *_: None)
     assert not list((tmp_path / "book").rglob("*.ipynb"))  # nothing was executed
 
 
@@ -198,3 +215,38 @@ def test_synthetic_books_carry_a_site_wide_announcement(tmp_path):
     real = yaml.safe_load(study._book_config(REPO / "book", study.DataChoice("mirflickr25k", "/d", False, "found"),
                                              tmp_path / "r.yml").read_text())
     assert "announcement" not in real["sphinx"]["config"]["html_theme_options"]
+
+
+@pytest.mark.slow
+def test_each_notebook_alone_in_a_fresh_cache_gives_the_study_numbers(quick_study, tmp_path):
+    """Every notebook run on its own with papermill, with the quick set's parameters, in a fresh cache of its own
+    (only the converted backbone weights and the extracted features are shared: they are pure functions of the
+    data and the backbone settings), finishes, and the runs and split files it makes equal the study's."""
+    import papermill as pm
+
+    result, _ = quick_study
+    params = study.load_params(study.resolve_params_path("quick"))
+    if not result.data["synthetic"]:
+        params["common"] = {**params["common"], "dataset": result.data["name"], "data_root": result.data["root"]}
+    shared = Path(os.environ["DCMFG_CACHE"])
+    compared = 0
+    for nb in study.notebook_names():
+        cache = tmp_path / f"cache-{nb}"
+        cache.mkdir()
+        for name in ("weights", "features"):
+            (cache / name).symlink_to(shared / name, target_is_directory=True)
+        declared = pm.inspect_notebook(str(REPO / "notebooks" / f"{nb}.ipynb"))
+        values = study.notebook_parameters(params, nb, declared)
+        env = {**os.environ, "DCMFG_CACHE": str(cache)}
+        cmd = [str(Path(sys.executable).with_name("papermill")), str(REPO / "notebooks" / f"{nb}.ipynb"),
+               str(tmp_path / f"{nb}.ipynb"), "-y", json.dumps(values)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+        assert done.returncode == 0, f"{nb} alone failed:\n{done.stderr[-3000:]}"
+        for report in cache.glob("runs/*/report.json"):
+            mine = json.loads(report.read_text())
+            theirs = json.loads((shared / "runs" / report.parent.name / "report.json").read_text())
+            assert (mine["map_i2t"], mine["map_t2i"]) == (theirs["map_i2t"], theirs["map_t2i"]), f"{nb}: {report.parent.name}"
+            compared += 1
+        for split in cache.glob("study/splits/*/*.json"):
+            assert split.read_bytes() == (shared / split.relative_to(cache)).read_bytes(), f"{nb}: {split.name}"
+    assert compared > 0

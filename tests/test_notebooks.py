@@ -1,0 +1,84 @@
+"""Notebooks as experiments a reader re-runs alone: parameters checked before any work, one source of settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import nbformat
+import pytest
+
+from dcmfg import study
+
+REPO = Path(__file__).resolve().parents[1]
+PAPERMILL = str(Path(sys.executable).with_name("papermill"))
+
+
+def _namespace(**injected) -> tuple[dict, set]:
+    """What a kernel holds after the hidden first cell, the parameters cell and papermill's injected cell."""
+    ns: dict = {"study": study, "Optional": Optional}
+    before = set(ns)
+    exec('seeds: list = [0, 1]\nquery: float = 0.2\ntrain: Optional[float] = None\nname: str = "x"\n', ns)
+    ns.update(injected)
+    return ns, before
+
+
+def test_parameters_are_checked_against_the_parameters_cell():
+    ns, before = _namespace(seeds="[3, 4]", query=200)  # papermill -p passes "[3, 4]" as a string
+    assert study.check_parameters(ns, before) == {"seeds": [3, 4], "query": 200, "train": None, "name": "x"}
+    assert ns["seeds"] == [3, 4]  # written back for the cells below
+    ns, before = _namespace(seedz=[1])
+    with pytest.raises(study.ParameterError, match=r"unknown parameter 'seedz'; this notebook's parameters are: seeds, query, train, name"):
+        study.check_parameters(ns, before)
+    ns, before = _namespace(seeds="zero")
+    with pytest.raises(study.ParameterError, match=r"parameter 'seeds' must be list, got 'zero' \(e.g. -p seeds '\[0, 1\]'\)"):
+        study.check_parameters(ns, before)
+    ns, before = _namespace(train="half")
+    with pytest.raises(study.ParameterError, match=r"parameter 'train' must be Optional\[float\], got 'half'"):
+        study.check_parameters(ns, before)
+    assert study.ParameterError("x")._render_traceback_() == ["ParameterError: x"]  # one line in the notebook
+
+
+def test_every_notebook_declares_typed_parameters_and_starts_with_the_check():
+    for nb in study.notebook_names():
+        cells = nbformat.read(REPO / "notebooks" / f"{nb}.ipynb", as_version=4).cells
+        params = [c for c in cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(params) == 1, nb
+        lines = [x for x in params[0].source.splitlines() if x.strip() and not x.lstrip().startswith("#")]
+        assert all(":" in x.split("=", 1)[0] for x in lines), f"{nb}: every parameter needs a type annotation"
+        code = "\n".join(c.source for c in cells if c.cell_type == "code")
+        assert "study.start(globals(), _before)" in code, nb
+        assert "work_dir" not in code and "data.json" not in code, f"{nb} reads another notebook's files"
+
+
+@pytest.mark.slow
+def test_an_unknown_parameter_fails_before_any_work(tmp_path):
+    done = subprocess.run([PAPERMILL, str(REPO / "notebooks" / "03-training.ipynb"), str(tmp_path / "out.ipynb"),
+                           "-p", "seedz", "[0]"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "DCMFG_CACHE": str(tmp_path / "cache")})
+    assert done.returncode != 0
+    assert "ParameterError: unknown parameter 'seedz'; this notebook's parameters are: dataset," in done.stderr
+    assert not (tmp_path / "cache" / "runs").exists()  # nothing was trained
+
+
+@pytest.mark.slow
+def test_a_feature_setting_changes_the_features_of_every_chapter(tmp_path):
+    """settings={"features.regions": r} reaches the features chapter and the training runs alike, for two r."""
+    base = {"dataset": "synthetic", "synthetic_n": 48, "seeds": [0], "epochs": 1, "patience": 1}
+    for regions in (2, 3):
+        values = {**base, "settings": {"features.regions": regions, "train.batch_size": 16, "graph.k": 4}}
+        for nb, extra in (("02-features", {}), ("03-training", {"models": ["dcmfg"]})):
+            out = tmp_path / f"{nb}-{regions}.ipynb"
+            done = subprocess.run([PAPERMILL, str(REPO / "notebooks" / f"{nb}.ipynb"), str(out), "-y",
+                                   json.dumps({**values, **extra})], capture_output=True, text=True, timeout=900)
+            assert done.returncode == 0, done.stderr[-3000:]
+        features = (tmp_path / f"02-features-{regions}.ipynb").read_text()
+        assert f"(48, {regions * regions}, 384)" in features  # the region tokens the features chapter shows
+        assert f"{regions}x{regions} regions" in features
+        s = study.Study.from_parameters(values)
+        run = s.run("dcmfg", 0)  # read back: 03-training trained it with the same settings
+        assert run["reused"] and run["config"]["features"]["regions"] == regions
