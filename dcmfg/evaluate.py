@@ -29,26 +29,53 @@ REPORT_OPTIONS = {"map_k": (None, 50, 100, 500, 1000, 5000), "denominators": ("r
 # ---------------------------------------------------------------------------------------------- embedding
 
 
+EMBED_CHUNK = 1024  # items per model.embed chunk unless eval.chunk_size says otherwise
+EMBED_BLOCK = 8  # chunks converted to float32 at a time: an evaluation's features never all exist in float32
+
+
 @torch.no_grad()
-def embed_parts(model, data: DataBundle, bank_idx, item_idx, device="cpu") -> dict:
+def embed_parts(model, data: DataBundle, bank_idx, item_idx, device="cpu", *, chunk: int | None = None,
+                distributed: bool = False) -> dict:
     """Embeddings of items `item_idx` in both modalities against a bank of `bank_idx` (inductive).
 
-    Returns {"image": {"z", "h"}, "text": {"z", "h"}} on the CPU.
+    Items go through `model.embed` in chunks of `chunk` (default EMBED_CHUNK), a few chunks at a time, with one word
+    width for all. With `distributed` under torchrun each rank embeds a contiguous share of whole chunks and the
+    shares are gathered: every rank returns the single process's result. Returns {"image": {"z", "h"}, "text":
+    {"z", "h"}} on the CPU.
     """
+    from dcmfg.bundle import word_limit
+    from dcmfg.distributed import gather_blocks, shard_chunks
+
     model.eval()
     bank_idx, item_idx = np.asarray(bank_idx), np.asarray(item_idx)
     bank = model.build_bank(take(data.feats, bank_idx, device))
-    feats = take(data.feats, item_idx, device)
     # An item that is in the bank (a training item in the database) must not link to its own copy there.
     order = np.argsort(bank_idx, kind="stable")
     at = np.clip(np.searchsorted(bank_idx[order], item_idx), 0, max(len(bank_idx) - 1, 0))
     hit = bank_idx[order][at] == item_idx if len(bank_idx) else np.zeros(len(item_idx), bool)
-    own = torch.as_tensor(np.where(hit, order[at], -1), dtype=torch.long, device=device)
-    out = {}
-    for name, modality in (("image", IMAGE), ("text", TEXT)):
-        exclude = torch.where(own >= 0, own + (0 if modality == IMAGE else len(bank_idx)), own)
-        e = model.embed(feats, modality, bank, exclude=exclude)
-        out[name] = {k: e[k].float().cpu() for k in ("z", "h") if k in e}
+    own_all = np.where(hit, order[at], -1)
+    words = word_limit(data.feats, item_idx)
+    chunk = int(chunk or EMBED_CHUNK)
+    chunks, sharded = shard_chunks([slice(s, min(s + chunk, len(item_idx))) for s in range(0, len(item_idx), chunk)],
+                                   distributed)
+    parts: dict[str, list] = {}
+    for b in range(0, len(chunks), EMBED_BLOCK):
+        block = slice(chunks[b].start, chunks[min(b + EMBED_BLOCK, len(chunks)) - 1].stop)
+        feats = take(data.feats, item_idx[block], device, words=words)
+        own = torch.as_tensor(own_all[block], dtype=torch.long, device=device)
+        for name, modality in (("image", IMAGE), ("text", TEXT)):
+            exclude = torch.where(own >= 0, own + (0 if modality == IMAGE else len(bank_idx)), own)
+            e = model.embed(feats, modality, bank, exclude=exclude, chunk=chunk)
+            for k in ("z", "h"):
+                if k in e:
+                    parts.setdefault(f"{name}/{k}", []).append(e[k].float().cpu())
+    flat = {k: torch.cat(v) for k, v in parts.items()}
+    if sharded:
+        flat = gather_blocks(flat)
+    out: dict = {"image": {}, "text": {}}
+    for key, t in flat.items():
+        name, k = key.split("/")
+        out[name][k] = t
     return out
 
 
@@ -88,10 +115,12 @@ def map_pair(q: dict, db: dict, ql, dl, distance: str, chunk_size=None) -> tuple
     return float(i2t), float(t2i)
 
 
-def validation_scores(model, data: DataBundle, cfg: Config, device="cpu") -> dict:
-    """Model selection: validation queries against the training set as the retrieval set (never the query set)."""
+def validation_scores(model, data: DataBundle, cfg: Config, device="cpu", distributed: bool = False) -> dict:
+    """Model selection: validation queries against the training set as the retrieval set (never the query set).
+    `distributed`: under torchrun every rank calls it and the embedding is shared out (see embed_parts)."""
     train_idx, val_idx = data.part("train"), data.part("val")
-    emb = embed_parts(model, data, train_idx, np.concatenate([val_idx, train_idx]), device)
+    emb = embed_parts(model, data, train_idx, np.concatenate([val_idx, train_idx]), device,
+                      chunk=cfg.eval.chunk_size, distributed=distributed)
     nv = len(val_idx)
     q = {m: {k: v[:nv] for k, v in e.items()} for m, e in emb.items()}
     db = {m: {k: v[nv:] for k, v in e.items()} for m, e in emb.items()}
@@ -113,9 +142,12 @@ def _jsonable(x):
     return x
 
 
-def retrieval_for_split(model, data: DataBundle, cfg: Config, split: str = "query", device="cpu") -> dict:
+def retrieval_for_split(model, data: DataBundle, cfg: Config, split: str = "query", device="cpu",
+                        distributed: bool = False) -> dict:
     """The report of one split: queries of `split` against the database (query split) or the training set
-    (val split), bank = training set. Both distances when the model has a hash head; the config's is headline."""
+    (val split), bank = training set. Both distances when the model has a hash head; the config's is headline.
+    `distributed`: under torchrun every rank calls it; the embedding and the metrics are sharded over queries and
+    gathered, and every rank returns the single process's report."""
     import pandas as pd
 
     from dcmfg.metrics import report_summary, retrieval_report
@@ -127,7 +159,8 @@ def retrieval_for_split(model, data: DataBundle, cfg: Config, split: str = "quer
         q_idx, db_idx = data.part("val"), train_idx
     else:
         raise ConfigError(f"unknown split part {split!r}; use query or val")
-    emb = embed_parts(model, data, train_idx, np.concatenate([q_idx, db_idx]), device)
+    emb = embed_parts(model, data, train_idx, np.concatenate([q_idx, db_idx]), device, chunk=cfg.eval.chunk_size,
+                      distributed=distributed)
     nq = len(q_idx)
     q = {m: {k: v[:nq] for k, v in e.items()} for m, e in emb.items()}
     db = {m: {k: v[nq:] for k, v in e.items()} for m, e in emb.items()}
@@ -142,12 +175,13 @@ def retrieval_for_split(model, data: DataBundle, cfg: Config, split: str = "quer
     for dist in distances:
         qi, qt, di, dt = (codes(q["image"], dist), codes(q["text"], dist), codes(db["image"], dist), codes(db["text"], dist))
         if groups is None:
-            df = retrieval_report(qi, qt, di, dt, ql, dl, distance=dist, **REPORT_OPTIONS, chunk_size=cfg.eval.chunk_size)
+            df = retrieval_report(qi, qt, di, dt, ql, dl, distance=dist, **REPORT_OPTIONS, chunk_size=cfg.eval.chunk_size,
+                                  distributed=distributed)
         else:
             i2t = retrieval_report(qi[rq], qt[rq], di, dt, ql[rq], dl, distance=dist, **REPORT_OPTIONS,
-                                   chunk_size=cfg.eval.chunk_size)
+                                   chunk_size=cfg.eval.chunk_size, distributed=distributed)
             t2i = retrieval_report(qi, qt, di[rdb], dt[rdb], ql, dl[rdb], distance=dist, **REPORT_OPTIONS,
-                                   chunk_size=cfg.eval.chunk_size)
+                                   chunk_size=cfg.eval.chunk_size, distributed=distributed)
             df = pd.concat([i2t[i2t["direction"] == "I->T"], t2i[t2i["direction"] == "T->I"]], ignore_index=True)
         frames.append(df)
         summaries[dist] = {k: _jsonable(v) for k, v in report_summary(df).items()}
@@ -253,12 +287,19 @@ def load_run(checkpoint_dir, overrides=(), device="cpu") -> tuple[torch.nn.Modul
 
 def evaluate(checkpoint_dir, split: str = "query", out: str | Path | None = None, overrides=(), device="cpu") -> dict:
     """Evaluate a trained checkpoint on a split part (query | val); writes and returns the JSON report."""
-    from dcmfg.device import resolve_device
+    from dcmfg.distributed import init_from_env, rank_world
 
-    dev = resolve_device(device)
-    model, cfg, meta, data = load_run(checkpoint_dir, overrides, dev)
-    with torch.no_grad():
-        report = retrieval_for_split(model, data, cfg, split, dev)
+    dev, started = init_from_env(device)  # under torchrun: sharded over queries, rank 0 writes the report
+    try:
+        rank, world = rank_world()
+        model, cfg, meta, data = load_run(checkpoint_dir, overrides, dev)
+        with torch.no_grad():
+            report = retrieval_for_split(model, data, cfg, split, dev, distributed=world > 1)
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     report["config"] = cfg.to_dict()
     report["checkpoint"] = str(checkpoint_dir)
     report["epoch"] = meta.get("epoch")
@@ -266,14 +307,19 @@ def evaluate(checkpoint_dir, split: str = "query", out: str | Path | None = None
     report["notes"] = list(data.notes)
     # not report.json: that one is train's own record (best epoch, validation score) and stays as written
     out = Path(out) if out else run_folder(checkpoint_dir) / f"evaluate_{split}.json"
-    write_json_atomic(out, report)
+    if rank == 0:
+        write_json_atomic(out, report)
     report["path"] = str(out)
     return report
 
 
 def run_command(args) -> int:
     """`dcmfg evaluate` (the arguments are defined in dcmfg/cli.py)."""
+    import os
+
     rep = evaluate(args.checkpoint, args.split, args.out, args.overrides, args.device)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: one report, from rank 0
+        return 0
     for note in rep["notes"]:
         print(f"note: {note}")
     print(f"{rep['split']}: mAP@all I->T {rep['map_i2t']:.4f}  T->I {rep['map_t2i']:.4f}  ({rep['distance']})  -> {rep['path']}")

@@ -38,8 +38,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from dcmfg.data.base import CrossModalDataset, ImageReadError
 from dcmfg.config import FeatureConfig
+from dcmfg.data.base import CrossModalDataset, ImageReadError
+from dcmfg.distributed import init_from_env, rank_world
 from dcmfg.errors import ConfigError
 from dcmfg.fileio import file_sha256, save_safetensors_atomic, write_text_atomic
 from dcmfg.paths import cache_dir
@@ -131,15 +132,6 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _dist() -> tuple[int, int]:
-    """(rank, world size) of an initialised process group, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _resolve_encoders(cfg: FeatureConfig, image_encoder, text_encoder, device):
@@ -244,7 +236,7 @@ def extract_features(
     dims = {"image": int(img_enc.dim), "text": int(txt_enc.dim), "regions": regions, "max_words": max_words}
     job = _Job(dataset, folder, key, material, img_enc, txt_enc, image_rows, row_to_image, dims, batch_size,
                chunk_size, on_corrupt, workers, dev, autocast, progress, on_chunk)
-    rank, world = _dist()
+    rank, world = rank_world()
     # One extractor per cache at a time: a second process (a notebook beside a test run) waits, then reads it.
     # Under torchrun rank 0 holds the lock for all ranks.
     with _locked(folder) if rank == 0 else contextlib.nullcontext():
@@ -664,21 +656,6 @@ def _assemble(loaded: dict, plan: list, row_to_image: np.ndarray, key: str) -> F
 
 # ---- command line ------------------------------------------------------------------------------------------------
 
-def _init_distributed(spec: str) -> tuple[str, bool]:
-    """Under torchrun (WORLD_SIZE > 1) join the process group, each rank on its own GPU when CUDA is used.
-    Returns (device, whether this call started the group)."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return spec, False
-    dev = _device(spec)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(dev)
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return str(dev), True
-
-
 def run_command(args: argparse.Namespace) -> int:
     """`dcmfg features extract` (arguments defined in dcmfg.cli). Under `torchrun --nproc_per_node=N -m dcmfg.cli
     features extract ...` the chunks are shared out across the N processes."""
@@ -689,9 +666,9 @@ def run_command(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "on_corrupt", None):
         cfg.features.on_corrupt = args.on_corrupt
-    device, started = _init_distributed(getattr(args, "device", None) or "auto")
+    device, started = init_from_env(getattr(args, "device", None) or "auto")
     try:
-        rank, _ = _dist()
+        rank, _ = rank_world()
         dataset = load_dataset(args.dataset, args.root)
         t0 = time.perf_counter()
         fs = extract_features(dataset, cfg.features, cache_root=args.cache_root, device=device,

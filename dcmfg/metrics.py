@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dcmfg.distributed import gather_rows, shard_chunks
 from dcmfg.errors import DcmfgError
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10, 50, 100, 500, 1000, 5000)
@@ -668,7 +669,7 @@ def _direction_report(p: _Prepared, map_ks, denominators, ks, ties, empty, ndcg,
     stable_pq, stable_nrel, exp_pq, hits, nd, total, found = (acc[k] for k in (
         "stable_pq", "stable_nrel", "exp_pq", "hits", "nd", "total", "found"))
     exp_nrel, n_rel, hist_nrel = acc["exp_nrel"][:, 0], acc["n_rel"][:, 0], acc["hist_nrel"][:, 0]
-    chunks, sharded = _shard(list(_chunk_rows(p.n_query, n_db, chunk_size)), distributed)
+    chunks, sharded = shard_chunks(list(_chunk_rows(p.n_query, n_db, chunk_size)), distributed)
     ws: dict = {}
     for rows in chunks:
         shared = _shared_labels(p, rows)
@@ -706,7 +707,7 @@ def _direction_report(p: _Prepared, map_ks, denominators, ks, ties, empty, ndcg,
             d = torch.stack([big_r.clamp(max=kk) for kk in exp_kks], dim=1)
             exp_pq[rows] = torch.where(d > 0, sums / d.clamp(min=1), 0.0)
     if sharded:
-        _gather_rows(acc, chunks)
+        gather_rows(acc, chunks)
 
     out = []
     for k in wanted:  # mAP rows in the order of map_k, then denominators
@@ -738,31 +739,6 @@ def _direction_report(p: _Prepared, map_ks, denominators, ks, ties, empty, ndcg,
                             f"PR-hamming radius={rec.radius} empty={empty}"))
                 out.append(("PR-hamming-R", rec.radius, rec.recall, f"PR-hamming radius={rec.radius} empty={empty}"))
     return out
-
-
-def _shard(chunks: list[slice], distributed: bool) -> tuple[list[slice], bool]:
-    """This rank's contiguous block of query chunks under an initialised process group (else all of them)."""
-    if not distributed:
-        return chunks, False
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return chunks, False
-    rank, world = dist.get_rank(), dist.get_world_size()
-    per = -(-len(chunks) // world)
-    return chunks[rank * per:(rank + 1) * per], True
-
-
-def _gather_rows(acc: dict[str, torch.Tensor], mine: list[slice]) -> None:
-    """Fill every rank's per-query tensors with the rows the other ranks computed."""
-    import torch.distributed as dist
-
-    a, b = (mine[0].start, mine[-1].stop) if mine else (0, 0)
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, (a, b, {k: v[a:b].cpu() for k, v in acc.items()}))
-    for a, b, part in parts:
-        for k, v in part.items():
-            acc[k][a:b] = v.to(acc[k].device)
 
 
 def report_summary(df: pd.DataFrame) -> dict:
