@@ -1,5 +1,6 @@
-# Plain runner. `make study` runs the whole study and builds the book; `make test` runs the tests.
-# Both create .venv from the pinned requirements on first use.
+# Plain runner. `make study` runs the whole study and builds the book; `make test` runs the tests; `make lab` opens
+# the notebooks in JupyterLab with the project's environment as the kernel. All create .venv from the pinned
+# requirements on first use. `make gpu-check` measures extraction, scale and training on a CUDA machine.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ STAMP := $(VENV)/.installed
 DCMFG_DATA ?= $(firstword $(wildcard $(CURDIR)/../shared/data))
 export DCMFG_DATA
 
-.PHONY: study test setup browser clean
+.PHONY: study test setup browser lab gpu-check clean
 
 setup: $(STAMP)
 
@@ -31,6 +32,13 @@ study: $(STAMP)
 
 test: $(STAMP) browser
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest
+
+# JupyterLab on this machine (http://127.0.0.1:8888, token printed); its Python 3 kernel is .venv's interpreter.
+lab: $(STAMP)
+	$(BIN)/jupyter lab --ip=127.0.0.1 --notebook-dir=notebooks
+
+gpu-check: $(STAMP)
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf book/_build
