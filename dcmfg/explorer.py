@@ -254,15 +254,20 @@ def _star(ax, res: Q.SearchResult, here, layer: int, max_neighbours: int, size: 
     ax.set_ylim(*((-0.9, 0.9) if few else (-1.6, 1.6)))
     ax.set_aspect("equal")
     ax.axis("off")
-    angles = np.linspace(0, 2 * np.pi, max(len(edges), 1), endpoint=False) + (0.0 if few else np.pi / 2)
+    if few:  # query on the left, its one or two neighbours on the right: long enough edges to see their style
+        cx, cy = -0.75, 0.0
+        spots = [(0.95, 0.0)] if len(edges) == 1 else [(0.95, 0.45), (0.95, -0.45)]
+    else:
+        cx, cy = 0.0, 0.0
+        angles = np.linspace(0, 2 * np.pi, len(edges), endpoint=False) + np.pi / 2
+        spots = [(1.05 * np.cos(a), 1.05 * np.sin(a)) for a in angles]
     amax = max(float(edges["alpha"].max()) if len(edges) else 1.0, 1e-6)
     qrel = ds.labels[q.item] if q.item is not None else None
-    for rec, ang in zip(edges.itertuples(index=False), angles):
-        radius = 1.25 if few else 1.05
-        x, y = radius * np.cos(ang), radius * np.sin(ang)
-        ax.plot([0, x], [0, y], EDGE_STYLE.get(rec.edge, ":"), color="#444", lw=0.5 + 5.0 * rec.alpha / amax, zorder=1)
-        ax.text(0.62 * x, 0.62 * y, f"{rec.alpha:.2f}", fontsize=8, ha="center", va="center",
-                bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85), zorder=3)
+    for rec, (x, y) in zip(edges.itertuples(index=False), spots):
+        ax.plot([cx, x], [cy, y], EDGE_STYLE.get(rec.edge, ":"), color="#444", lw=0.5 + 5.0 * rec.alpha / amax,
+                zorder=1)
+        ax.text(cx + 0.55 * (x - cx), cy + 0.55 * (y - cy), f"{rec.alpha:.2f}", fontsize=8, ha="center",
+                va="center", bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85), zorder=3)
         colour = "#555"
         if qrel is not None:
             colour = "#1a7f37" if bool((ds.labels[rec.row] & qrel).any()) else "#cf222e"
@@ -278,10 +283,10 @@ def _star(ax, res: Q.SearchResult, here, layer: int, max_neighbours: int, size: 
     if q.modality == IMAGE:
         im = (q.image if q.image is not None else ds.image(q.item)).convert("RGB")
         im.thumbnail((size, size))
-        ax.add_artist(AnnotationBbox(OffsetImage(np.asarray(im), zoom=1.0), (0, 0), bboxprops=dict(lw=3), zorder=4))
+        ax.add_artist(AnnotationBbox(OffsetImage(np.asarray(im), zoom=1.0), (cx, cy), bboxprops=dict(lw=3), zorder=4))
     else:
         text = q.text if q.text is not None else ""
-        ax.text(0, 0, "\n".join(textwrap.wrap(text, 18)[:3]) or "query", fontsize=9, ha="center", va="center",
+        ax.text(cx, cy, "\n".join(textwrap.wrap(text, 18)[:3]) or "query", fontsize=9, ha="center", va="center",
                 bbox=dict(boxstyle="round", fc="#fff8c5", ec="#333", lw=2), zorder=4)
     n_all = int((here["neighbour"] == "bank").sum())
     shown = f"{len(edges)} strongest of {n_all}" if n_all > len(edges) else f"{n_all}"
