@@ -108,20 +108,19 @@ class GraphTally:
         return {prefix + k: float(v) for k, v in res.items()}
 
 
-def inference_report(bank, embedded: list[dict], rows=slice(None)) -> dict:
-    """The `graph` object of a report: `query_mutual_share` (share of the items `rows` of each embedding, both
-    modalities together, with at least one genuine mutual bank neighbour; a mean over the layers), the statistics
-    of the query step (every item embedded against the bank) and of the bank's own graph. Empty without a graph
-    (baselines, model.layers=0, graph.inference=none)."""
-    if bank is None or not all("mutual" in e for e in embedded) or not embedded:
+def inference_report(bank, embedded: list[dict]) -> dict:
+    """The `graph` object of a report from the per-item statistics of `DCMFG.embed` (already cut to the evaluated
+    items, e.g. the query split, of each modality): `query_mutual_share` (items with at least one genuine mutual
+    bank neighbour, both modalities together, a mean over the layers), `query_fallback_share` (served only by the
+    fallback edge), `query_in_degree` (bank neighbours), and the statistics of the bank's own graph. Empty without
+    a graph (baselines, model.layers=0, graph.inference=none)."""
+    if bank is None or not embedded or not all("mutual" in e for e in embedded):
         return {}
-    step = GraphTally(shared_candidates=True)
-    for e in embedded:
-        step += e["graph"]
-    mutual = torch.cat([e["mutual"][rows] for e in embedded])
+    cat = {k: torch.cat([e[k].float() for e in embedded]) for k in ("mutual", "fallback", "degree")}
     return {
-        "query_mutual_share": float(mutual.float().mean()),
+        "query_mutual_share": float(cat["mutual"].mean()),
+        "query_fallback_share": float(cat["fallback"].mean()),
+        "query_in_degree": float(cat["degree"].mean()),
         "inference": bank.inference,
-        "query": step.summary(prefix=""),
         "bank": {k.removeprefix("graph_"): v for k, v in bank.stats.items()},
     }

@@ -276,9 +276,9 @@ class DCMFG(nn.Module):
         """Embed items of one modality against the bank; chunks only bound memory (queries never interact).
 
         `exclude` (N,) long: per item, the bank node that is the item itself (-1 if none); neither it nor (with
-        graph.exclude_pair) its paired node is linked. Returns z, h, logits; with a graph also `mutual` (N,) (share
-        of the graph's layers in which the item had >= 1 genuine mutual bank neighbour) and `graph` (a GraphTally
-        of the query step); with `return_attention`, per layer: query_index, bank_index (-1: self-loop), alpha
+        graph.exclude_pair) its paired node is linked. Returns z, h, logits; with a graph also per item (N,) means
+        over the layers `mutual` (had >= 1 genuine mutual bank neighbour), `fallback` (served by the fallback edge
+        only), `degree` (bank neighbours), and `graph` (a GraphTally of the query step); with `return_attention`, per layer: query_index, bank_index (-1: self-loop), alpha
         (E, heads), mutual (E,) bool (a genuine mutual edge; False for fallback edges and self-loops)."""
         key = "image" if modality == IMAGE else "text"
         n = len(feats[f"{key}_global"])
@@ -319,16 +319,25 @@ class DCMFG(nn.Module):
             src, dst = edges.index[:, ~edges.self_loop]
             total = torch.zeros_like(h).index_add_(0, dst, graph.sources(0, h, edges)[src])
             count = torch.bincount(dst, minlength=len(h)).clamp(min=1)
-            return {**self._heads(h + total / count[:, None]), "mutual": _has_mutual([edges], len(h))}, []
+            return {**self._heads(h + total / count[:, None]), **_item_stats([edges], len(h))}, []
         h, trace = self.propagate(h, graph, tally)
         attention = [{"query_index": s.edges.index[1], "bank_index": graph.bank_index(s.edges), "alpha": s.alpha,
                       "mutual": s.edges.mutual} for s in trace]
-        return {**self._heads(h), "mutual": _has_mutual([s.edges for s in trace], len(h))}, attention
+        return {**self._heads(h), **_item_stats([s.edges for s in trace], len(h))}, attention
 
 
-def _has_mutual(steps: list[G.Edges], n: int) -> torch.Tensor:
-    """(n,) share of the steps in which each target had at least one genuine mutual neighbour."""
-    return torch.stack([torch.bincount(e.index[1][e.mutual], minlength=n) > 0 for e in steps]).float().mean(0)
+def _item_stats(steps: list[G.Edges], n: int) -> dict:
+    """Per target, a mean over the graph steps (layers): `mutual` (had >= 1 genuine mutual neighbour), `fallback`
+    (was served by the fallback edge only), `degree` (non-self in-edges). Per item, so they can be sliced to a
+    split part and gathered across ranks like the embeddings."""
+    out = {"mutual": [], "fallback": [], "degree": []}
+    for e in steps:
+        tgt, other = e.index[1], ~e.self_loop
+        genuine = torch.bincount(tgt[other & ~e.fallback], minlength=n) > 0
+        out["mutual"].append((torch.bincount(tgt[e.mutual & other], minlength=n) > 0).float())
+        out["fallback"].append(((torch.bincount(tgt[e.fallback & other], minlength=n) > 0) & ~genuine).float())
+        out["degree"].append(torch.bincount(tgt[other], minlength=n).float())
+    return {k: torch.stack(v).mean(0) for k, v in out.items()}
 
 
 # ---------------------------------------------------------------------------------------------- weights on disk
