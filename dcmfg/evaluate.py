@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dcmfg.bundle import DataBundle, load_data, take
+from dcmfg.data.mscoco import group_representatives
 from dcmfg.config import Config, apply_overrides, config_from_dict
 from dcmfg.errors import ConfigError, DcmfgError
 from dcmfg.fileio import read_json, write_text_atomic
@@ -35,20 +36,21 @@ EMBED_BLOCK = 8  # chunks converted to float32 at a time: an evaluation's featur
 
 @torch.no_grad()
 def embed_parts(model, data: DataBundle, bank_idx, item_idx, device="cpu", *, chunk: int | None = None,
-                distributed: bool = False) -> dict:
+                distributed: bool = False, inference: str | None = None, return_bank: bool = False):
     """Embeddings of items `item_idx` in both modalities against a bank of `bank_idx` (inductive).
 
     Items go through `model.embed` in chunks of `chunk` (default EMBED_CHUNK), a few chunks at a time, with one word
     width for all. With `distributed` under torchrun each rank embeds a contiguous share of whole chunks and the
     shares are gathered: every rank returns the single process's result. Returns {"image": {"z", "h"}, "text":
-    {"z", "h"}} on the CPU.
+    {"z", "h"}} on the CPU (with a graph also the per-item graph statistics "mutual", "fallback", "degree"), and
+    with `return_bank` the bank too. `inference`: graph.inference (bank, none, smooth; default the model's own).
     """
     from dcmfg.bundle import word_limit
     from dcmfg.distributed import gather_blocks, shard_chunks
 
     model.eval()
     bank_idx, item_idx = np.asarray(bank_idx), np.asarray(item_idx)
-    bank = model.build_bank(take(data.feats, bank_idx, device))
+    bank = model.build_bank(take(data.feats, bank_idx, device), inference=inference)
     # An item that is in the bank (a training item in the database) must not link to its own copy there.
     order = np.argsort(bank_idx, kind="stable")
     at = np.clip(np.searchsorted(bank_idx[order], item_idx), 0, max(len(bank_idx) - 1, 0))
@@ -66,7 +68,7 @@ def embed_parts(model, data: DataBundle, bank_idx, item_idx, device="cpu", *, ch
         for name, modality in (("image", IMAGE), ("text", TEXT)):
             exclude = torch.where(own >= 0, own + (0 if modality == IMAGE else len(bank_idx)), own)
             e = model.embed(feats, modality, bank, exclude=exclude, chunk=chunk)
-            for k in ("z", "h"):
+            for k in ("z", "h", "mutual", "fallback", "degree"):
                 if k in e:
                     parts.setdefault(f"{name}/{k}", []).append(e[k].float().cpu())
     flat = {k: torch.cat(v) for k, v in parts.items()}
@@ -76,7 +78,7 @@ def embed_parts(model, data: DataBundle, bank_idx, item_idx, device="cpu", *, ch
     for key, t in flat.items():
         name, k = key.split("/")
         out[name][k] = t
-    return out
+    return (out, bank) if return_bank else out
 
 
 def transductive_refine(zq: torch.Tensor, zdb: torch.Tensor, k: int, temperature: float = 0.1):
@@ -120,7 +122,7 @@ def validation_scores(model, data: DataBundle, cfg: Config, device="cpu", distri
     `distributed`: under torchrun every rank calls it and the embedding is shared out (see embed_parts)."""
     train_idx, val_idx = data.part("train"), data.part("val")
     emb = embed_parts(model, data, train_idx, np.concatenate([val_idx, train_idx]), device,
-                      chunk=cfg.eval.chunk_size, distributed=distributed)
+                      chunk=cfg.eval.chunk_size, distributed=distributed, inference=cfg.graph.inference)
     nv = len(val_idx)
     q = {m: {k: v[:nv] for k, v in e.items()} for m, e in emb.items()}
     db = {m: {k: v[nv:] for k, v in e.items()} for m, e in emb.items()}
@@ -150,6 +152,7 @@ def retrieval_for_split(model, data: DataBundle, cfg: Config, split: str = "quer
     gathered, and every rank returns the single process's report."""
     import pandas as pd
 
+    from dcmfg.graphstats import inference_report
     from dcmfg.metrics import report_summary, retrieval_report
 
     train_idx = data.part("train")
@@ -159,8 +162,8 @@ def retrieval_for_split(model, data: DataBundle, cfg: Config, split: str = "quer
         q_idx, db_idx = data.part("val"), train_idx
     else:
         raise ConfigError(f"unknown split part {split!r}; use query or val")
-    emb = embed_parts(model, data, train_idx, np.concatenate([q_idx, db_idx]), device, chunk=cfg.eval.chunk_size,
-                      distributed=distributed)
+    emb, bank = embed_parts(model, data, train_idx, np.concatenate([q_idx, db_idx]), device, chunk=cfg.eval.chunk_size,
+                            distributed=distributed, inference=cfg.graph.inference, return_bank=True)
     nq = len(q_idx)
     q = {m: {k: v[:nq] for k, v in e.items()} for m, e in emb.items()}
     db = {m: {k: v[nq:] for k, v in e.items()} for m, e in emb.items()}
@@ -169,8 +172,8 @@ def retrieval_for_split(model, data: DataBundle, cfg: Config, split: str = "quer
     groups = getattr(data.dataset, "groups", None)
     # Several captions per image (captions="all"): the image side counts each image once (its group's first row),
     # the text side keeps every caption. Splits are drawn by group, so a query's siblings are never in the database.
-    rq = _first_of_group(groups, q_idx)
-    rdb = _first_of_group(groups, db_idx)
+    rq = np.arange(len(q_idx)) if groups is None else group_representatives(np.asarray(groups)[q_idx])
+    rdb = np.arange(len(db_idx)) if groups is None else group_representatives(np.asarray(groups)[db_idx])
     frames, summaries = [], {}
     for dist in distances:
         qi, qt, di, dt = (codes(q["image"], dist), codes(q["text"], dist), codes(db["image"], dist), codes(db["text"], dist))
@@ -200,6 +203,8 @@ def retrieval_for_split(model, data: DataBundle, cfg: Config, split: str = "quer
         "split_fingerprint": data.split.fingerprint,
         "split_protocol": data.split.protocol,
         "split_seed": data.split.seed,
+        # what the graph did for these queries (mutual share, fallback share, degree) and the bank's own graph
+        "graph": inference_report(bank, [q["image"], q["text"]]),
         "records": [],
     }
     report["records"] = _jsonable(pd.concat(frames, ignore_index=True).astype(object).to_dict("records"))
@@ -215,14 +220,6 @@ def retrieval_for_split(model, data: DataBundle, cfg: Config, split: str = "quer
             "note": "transductive re-ranking: one propagation over the mutual-kNN graph of queries + database",
         }
     return report
-
-
-def _first_of_group(groups, idx: np.ndarray) -> np.ndarray:
-    """Positions (into idx) of the first row of each caption group among idx; all positions without groups."""
-    if groups is None:
-        return np.arange(len(idx))
-    _, first = np.unique(np.asarray(groups, dtype=np.int64)[idx], return_index=True)
-    return np.sort(first)
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -7,13 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from dcmfg.data import DatasetError, LayoutError, load_dataset
 from dcmfg.data.splits import make_split
 from dcmfg.data.mscoco import (
-    group_exclusion_mask,
     group_representatives,
     looks_like_coco,
     rows_of_groups,
@@ -187,16 +185,6 @@ def test_bad_json_and_bad_references(tmp_path):
         load_dataset("mscoco", root, captions="some")
 
 
-def test_group_exclusion_mask():
-    q = np.array([3, 5])
-    d = np.array([5, 5, 1, 3, 7])
-    m = group_exclusion_mask(q, d)
-    assert m.dtype == torch.bool
-    assert m.tolist() == [[False, False, False, True, False], [True, True, False, False, False]]
-    assert group_exclusion_mask(None, d).shape == (0, 5)
-    assert not group_exclusion_mask(q, torch.tensor([0, 1])).any()
-
-
 def test_splits_are_made_by_group(tmp_path):
     """make_split on a captions="all" COCO set: sizes count images and siblings never straddle parts."""
     root = tmp_path / "c"
@@ -212,11 +200,6 @@ def test_splits_are_made_by_group(tmp_path):
     assert not g["train"] & g["val"] and (g["train"] | g["val"]) <= g["database"]
     for k in ("query", "database", "train", "val"):
         np.testing.assert_array_equal(s[k], rows_of_groups(ds.groups, sorted(g[k])))
-    # Hence the exclusion mask between query and database is empty; against the full set it is not.
-    assert not group_exclusion_mask(ds.groups[s["query"]], ds.groups[s["database"]]).any()
-    full = group_exclusion_mask(ds.groups[s["query"]], ds.groups)
-    sizes = np.bincount(ds.groups)
-    np.testing.assert_array_equal(full.sum(1).numpy(), sizes[ds.groups[s["query"]]])  # itself + its siblings
 
 
 def test_root_from_dcmfg_data(coco_root, monkeypatch):

@@ -11,11 +11,11 @@ from pathlib import Path
 from .base import LayoutError
 
 # dataset name -> (module, detection function returning a truthy layout name for a loadable folder)
-DETECTORS: dict[str, list[tuple[str, str]]] = {
-    "mirflickr25k": [("dcmfg.data.mirflickr", "detect_layout")],
-    "nuswide": [("dcmfg.data.nuswide", "detect_layout")],
-    "mscoco": [("dcmfg.data.mscoco", "detect_layout"), ("dcmfg.data.mscoco", "looks_like_coco")],
-    "manifest": [("dcmfg.data.manifest", "detect_layout"), ("dcmfg.data.manifest", "looks_like_manifest")],
+DETECTORS: dict[str, tuple[str, str]] = {
+    "mirflickr25k": ("dcmfg.data.mirflickr", "detect_layout"),
+    "nuswide": ("dcmfg.data.nuswide", "detect_layout"),
+    "mscoco": ("dcmfg.data.mscoco", "looks_like_coco"),
+    "manifest": ("dcmfg.data.manifest", "looks_like_manifest"),
 }
 UNLOADABLE = {"features-mat"}  # detected, but cannot feed image/text encoders
 
@@ -23,21 +23,13 @@ UNLOADABLE = {"features-mat"}  # detected, but cannot feed image/text encoders
 def detect(root) -> list[tuple[str, str]]:
     """(dataset name, layout) for every family whose layout `root` holds."""
     found = []
-    for name, candidates in DETECTORS.items():
-        for module, func in candidates:
-            try:
-                fn = getattr(importlib.import_module(module), func, None)
-            except ImportError:
-                fn = None
-            if fn is None:
-                continue
-            try:
-                layout = fn(Path(root))
-            except (OSError, ValueError):
-                layout = None
-            if layout and layout not in UNLOADABLE:
-                found.append((name, layout if isinstance(layout, str) else "detected"))
-            break
+    for name, (module, func) in DETECTORS.items():
+        try:
+            layout = getattr(importlib.import_module(module), func)(Path(root))
+        except (OSError, ValueError):
+            layout = None
+        if layout and layout not in UNLOADABLE:
+            found.append((name, layout if isinstance(layout, str) else "detected"))
     return found
 
 

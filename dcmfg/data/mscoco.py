@@ -30,13 +30,11 @@ The retrieval protocol for grouped rows (what we chose, and why):
    the number would measure pair memorisation, not label-level retrieval.
 2. Relevance is the usual one (share >= 1 label); siblings share every label, so an image and its captions act as
    one item for relevance.
-3. The image side is counted once per group (`group_representatives`): an image repeated once per caption would
-   be retrieved five times for a text query and weigh five times in image->text mAP.
-   The text side keeps every caption as its own query / database item: they are different texts.
-4. As a safeguard for databases that do contain a query's group (a split not made by group, or a transductive
-   query + database set), `group_exclusion_mask` marks those rows; the evaluation removes them from the ranking
-   (neither relevant nor occupying a rank), so a query never scores by retrieving its own pair's siblings.
-   With splits made by group the mask is all False.
+3. The image side is counted once per group (`group_representatives`, which `dcmfg.evaluate` uses): an image
+   repeated once per caption would be retrieved five times for a text query and weigh five times in image->text
+   mAP. The text side keeps every caption as its own query / database item: they are different texts.
+4. A split file whose parts cut through a group is refused when it is loaded (`dcmfg.data.splits.check_split`),
+   so a query's siblings are never in its database and the ranking needs no exclusion.
 """
 
 from __future__ import annotations
@@ -101,27 +99,6 @@ def rows_of_groups(groups: np.ndarray, chosen: Sequence[int]) -> np.ndarray:
     """All row indices whose group is in `chosen`, ascending (a group-level split expanded to rows)."""
     g = np.asarray(groups, dtype=np.int64)
     return np.flatnonzero(np.isin(g, np.asarray(chosen, dtype=np.int64)))
-
-
-def group_exclusion_mask(query_groups, database_groups):
-    """(Q, D) bool torch tensor, True where database row d shares query q's group: drop those from q's ranking.
-
-    Accepts numpy arrays or torch tensors; None for either side means one row per item with no sharing (all False).
-    For large sets call it per query chunk, as the metrics do: it is a broadcast compare, O(Q*D) booleans.
-    """
-    import torch
-
-    if query_groups is None or database_groups is None:
-        nq = 0 if query_groups is None else len(query_groups)
-        nd = 0 if database_groups is None else len(database_groups)
-        return torch.zeros(nq, nd, dtype=torch.bool)
-    q = torch.as_tensor(np.asarray(query_groups, dtype=np.int64))
-    d = torch.as_tensor(np.asarray(database_groups, dtype=np.int64))
-    return q[:, None] == d[None, :]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Layout detection
 
 
 def _annotation_files(root: Path) -> dict[tuple[str, str], Path]:
