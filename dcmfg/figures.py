@@ -83,25 +83,26 @@ def _pr_points(records: pd.DataFrame) -> pd.DataFrame:
     return wide
 
 
+def _by_direction(data: pd.DataFrame, x: str, y: str, **kw):
+    """One line per run, one panel per direction (seaborn relplot)."""
+    g = _sns().relplot(data=data, x=x, y=y, hue="run", col="direction", kind="line", marker="o", height=3.6,
+                       aspect=1.2, **kw)
+    g.set_titles("{col_name}")
+    return g
+
+
 def precision_at_k(records: pd.DataFrame):
     """P@K against K (log scale; band = 1 std over seeds), one panel per direction."""
-    sns = _sns()
-    wide = _pr_points(records)
-    g = sns.relplot(data=wide, x="k", y="P", hue="run", col="direction", kind="line", errorbar="sd", marker="o",
-                    height=3.6, aspect=1.2)
+    g = _by_direction(_pr_points(records), "k", "P", errorbar="sd")
     g.set(xscale="log", ylabel="precision@K")
-    g.set_titles("{col_name}")
     return g.figure
 
 
 def rank_pr_curves(records: pd.DataFrame):
     """Rank-based precision-recall curves (P and R at each reported K, mean over seeds)."""
-    sns = _sns()
     wide = _pr_points(records).groupby(["run", "direction", "k"], as_index=False)[["P", "R"]].mean()
-    g = sns.relplot(data=wide, x="R", y="P", hue="run", col="direction", kind="line", sort=False, marker="o",
-                    height=3.6, aspect=1.2)
+    g = _by_direction(wide, "R", "P", sort=False)
     g.set(xlabel="recall@K", ylabel="precision@K")
-    g.set_titles("{col_name}")
     return g.figure
 
 
