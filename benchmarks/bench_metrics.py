@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dcmfg.metrics import mean_average_precision  # noqa: E402
+from dcmfg.scaling import PeakRSS  # noqa: E402
 from dcmfg.search import topk  # noqa: E402
 
 SIZES = {
@@ -44,36 +44,6 @@ QUICK_SIZES = {"mirflickr": (200, 1800, 24, 3.8), "nuswide": (210, 19373, 21, 1.
 
 # ----------------------------------------------------------------------------------------------------------------------
 # measuring
-
-
-class PeakRSS:
-    """Samples this process's resident memory in a thread; `extra` = peak minus the level at start (bytes)."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval = interval
-        self.page = os.sysconf("SC_PAGE_SIZE")
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
-
-    def __enter__(self):
-        self.start = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-        self.extra = self.peak - self.start
 
 
 def measure(fn, device: torch.device):

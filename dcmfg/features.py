@@ -541,7 +541,9 @@ def _image_batches(job: _Job, todo: list) -> tuple[np.ndarray, list[list[int]]]:
 def _extract_chunks(job: _Job, todo: list, loaded: dict, manifest: dict, save_manifest: Callable[[], None]) -> None:
     """Extract the chunks in `todo` (images through a DataLoader, then texts), writing each chunk, its file record
     and the manifest as soon as it is complete."""
-    from tqdm import tqdm  # plain text bar: works in terminals, logs and papermill kernels alike
+    from tqdm import (
+        tqdm,  # plain text bar: works in terminals, logs and papermill kernels alike
+    )
 
     def done(kind, fname, s, e, tensors, bad_rows=(), stamps=None):
         sha = save_safetensors_atomic(tensors, job.folder / fname)

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from dcmfg.backbones import create_image_encoder, create_text_encoder
-from dcmfg.data.base import CrossModalDataset, ImageReadError
 from dcmfg.config import FeatureConfig
+from dcmfg.data.base import CrossModalDataset, ImageReadError
 from dcmfg.features import extract_features
 
 IDS = [1, 2, 3, 4, 5]

@@ -404,7 +404,7 @@ def test_report_from_one_ranking_equals_the_single_metrics(distance, ties, n_db)
                               **common)
         part = df[df["direction"] == "I->T"]
 
-        def value(metric, k):
+        def value(metric, k, part=part):
             sel = part[(part["metric"] == metric) & ((part["k"] == k) if k is not None else part["k"].isna())]
             return sel["value"].tolist()
 
