@@ -96,7 +96,7 @@ def _score(res: Q.SearchResult, value) -> str:
 
 
 def results_html(res: Q.SearchResult, size: int = 128, other: Q.SearchResult | None = None,
-                 other_name: str = "") -> str:
+                 other_name: str = "", title: str = "") -> str:
     """The top results as cards: image thumbnail (or the text, with its image small), rank, score, relevance
     mark (for dataset-item queries) and, with `other`, the item's rank in the other run's list."""
     ds = res.run.dataset
@@ -131,7 +131,9 @@ def results_html(res: Q.SearchResult, size: int = 128, other: Q.SearchResult | N
     if res.query.item is not None:
         rel = res.table["shares_label"].astype(bool)
         summary = f"{int(rel.sum())} of {len(rel)} share a label with the query item (precision@{len(rel)} {rel.mean():.2f})"
-    return (f'<div class="dcmfg-results"><div style="font-weight:bold">{_esc(res.run.name)}</div>'
+    head = f"{_esc(title)} <span style=\"font-weight:normal;color:#555\">{_esc(res.run.name)}</span>" if title else _esc(res.run.name)
+    head += "" if res.distance == "cosine" else ' <span style="font-weight:normal;color:#555">(Hamming)</span>'
+    return (f'<div class="dcmfg-results"><div style="font-weight:bold">{head}</div>'
             f'<div style="font-size:0.8em;color:#555">{summary}</div>'
             '<div style="display:flex;flex-wrap:wrap;gap:6px">' + "".join(cards) + "</div></div>")
 
@@ -141,7 +143,7 @@ def compare_html(a: Q.SearchResult, b: Q.SearchResult, size: int = 112, names=("
     overlap = len(set(a.rows) & set(b.rows))
     head = (f'<div style="font-size:0.85em">{overlap} of the top {len(a.table)} are in both lists; '
             f'a card\'s badge is its rank in the other run (&gt;{len(b.table)}: not in its top list).</div>')
-    cols = [results_html(a, size, b, names[1]), results_html(b, size, a, names[0])]
+    cols = [results_html(a, size, b, names[1], names[0]), results_html(b, size, a, names[0], names[1])]
     return head + '<div style="display:flex;gap:16px">' + "".join(
         f'<div style="flex:1;min-width:0">{c}</div>' for c in cols) + "</div>"
 
@@ -297,7 +299,7 @@ def _star(ax, res: Q.SearchResult, here, layer: int, max_neighbours: int, size: 
 
 
 def show_queries(runs: dict, queries: list[dict], top: int = 8, distance: str | None = None,
-                 detail_rank: int = 1) -> None:
+                 detail_rank: int = 1, size: int = 112) -> None:
     """Static output of the explorer for fixed queries: per query, each run's results side by side (the first two
     runs compared), the region-word map of result `detail_rank` and the query's neighbourhood for the first run.
 
@@ -322,10 +324,10 @@ def show_queries(runs: dict, queries: list[dict], top: int = 8, distance: str | 
         parts = [query_html(first)]
         if len(results) >= 2:
             (na, a), (nb_, b) = list(results.items())[:2]
-            parts.append(compare_html(a, b, names=(na, nb_)))
-            parts += [results_html(r) for r in list(results.values())[2:]]
+            parts.append(compare_html(a, b, size, names=(na, nb_)))
+            parts += [results_html(r, size - 16, title=n) for n, r in list(results.items())[2:]]
         else:
-            parts.append(results_html(first))
+            parts.append(results_html(first, size - 16, title=names[0]))
         parts.append(region_word_html(first, detail_rank))
         parts.append(neighbourhood_html(first))
         display(HTML('<div class="dcmfg-explorer-static" style="margin:1.5em 0">' + "".join(parts) + "</div>"))
@@ -343,7 +345,7 @@ def _distance_for(run: Q.Run, distance: str | None) -> str | None:
     """A requested Hamming ranking falls back to cosine for a run without hash head (said in its header)."""
     if distance == "hamming" and not run.has_hash():
         return "cosine"
-    return distance
+    return distance or None  # "" or None: the run's own eval.distance
 
 
 # ---------------------------------------------------------------------------------------------- the live explorer
@@ -496,7 +498,7 @@ class Explorer:
             note = " (this run has no hash head: ranked by cosine)"
         self.status.value = query_html(a, self.size) + (f'<div style="font-size:0.8em">{note}</div>' if note else "")
         self.results.value = (compare_html(a, b, self.size, (self.run_a.value, self.run_b.value)) if b is not None
-                              else results_html(a, self.size))
+                              else results_html(a, self.size, title=self.run_a.value))
         with self._quiet():
             self.detail.options = [(f"result {r} ({i})", r) for r, i in zip(a.table["rank"], a.table["id"])]
             self.detail.value = 1
