@@ -379,7 +379,8 @@ class Explorer:
         self.item = W.Combobox(value="", options=suggest, placeholder="dataset item id (query split suggested)",
                                description="item", ensure_option=False, continuous_update=False)
         self.against = W.ToggleButtons(options=["auto", "images", "texts"], value="auto", description="against")
-        self.distance = W.ToggleButtons(options=["cosine", "hamming"], value="cosine", description="ranking")
+        self.distance = W.ToggleButtons(options=[("run's own", ""), ("cosine", "cosine"), ("hamming", "hamming")],
+                                        value="", description="ranking")
         self.top = W.IntSlider(value=top, min=1, max=50, description="top")
         self.detail = W.Dropdown(options=[("result 1", 1)], value=1, description="inspect")
         self.status = W.HTML()
