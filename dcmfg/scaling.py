@@ -16,6 +16,7 @@ import statistics
 import tempfile
 import threading
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -293,3 +294,77 @@ def extraction_throughput(dataset, config=None, *, device="cpu", images: int = 9
         "text_backbone": txt.name, "image_size": cfg.image_size, "threads": torch.get_num_threads(),
         "repeats": int(repeats),
     }
+
+
+# ---- metric and search time against size --------------------------------------------------------------------------
+
+def timed(fn, repeats: int = 3) -> tuple[float, float]:
+    """Median (wall, CPU) seconds of `repeats` calls of fn."""
+    runs = []
+    for _ in range(max(1, int(repeats))):
+        with Clock() as c:
+            fn()
+        runs.append((c.wall, c.cpu))
+    return statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs)
+
+
+def metric_cost(labels: np.ndarray, *, n_query: int, db_sizes, dim: int = 512, bits: int = 64, repeats: int = 3,
+                seed: int = 0) -> list[dict]:
+    """Seconds of one mAP@all (n_query queries) against each database size: cosine on `dim`-wide floats, Hamming on
+    `bits`-bit codes with the stable tie rule and the tie-aware one; labels resampled from a real label matrix."""
+    from dcmfg.metrics import mean_average_precision
+
+    g = torch.Generator().manual_seed(seed)
+    lab = torch.as_tensor(np.asarray(labels)).float()
+
+    def sample(n: int) -> torch.Tensor:
+        return lab[torch.randint(0, len(lab), (n,), generator=g)]
+
+    q = torch.nn.functional.normalize(torch.randn(n_query, dim, generator=g), dim=1)
+    ql = sample(n_query)
+    rows = []
+    for n in db_sizes:
+        d = torch.nn.functional.normalize(torch.randn(int(n), dim, generator=g), dim=1)
+        dl = sample(int(n))
+        qh, dh = torch.sign(q[:, :bits]), torch.sign(d[:, :bits])
+        cases = {"cosine (real)": ((q, d), {}),
+                 f"hamming ({bits} bits)": ((qh, dh), {"distance": "hamming"}),
+                 f"hamming ({bits} bits), tie-aware": ((qh, dh), {"distance": "hamming", "ties": "expected"})}
+        for name, (pair, kw) in cases.items():
+            wall, cpu = timed(partial(mean_average_precision, *pair, ql, dl, **kw), repeats)
+            rows.append({"database": int(n), "ranking": name, "queries": n_query, "seconds": wall, "cpu_seconds": cpu})
+    return rows
+
+
+def search_cost(*, n_query: int, bank_sizes, k: int = 10, dim: int = 512, repeats: int = 3, seed: int = 0) -> list[dict]:
+    """Seconds of an exact top-k cosine search of n_query queries in banks of random unit vectors, with the torch
+    backend and FAISS (flat), and the share of neighbours the two agree on."""
+    from dcmfg.search import topk
+
+    g = torch.Generator().manual_seed(seed)
+    qs = torch.nn.functional.normalize(torch.randn(n_query, dim, generator=g), dim=1)
+    rows = []
+    for n in bank_sizes:
+        bank = torch.nn.functional.normalize(torch.randn(int(n), dim, generator=g), dim=1)
+        found = {}
+        for backend in ("torch", "faiss"):
+            wall, cpu = timed(partial(topk, qs, bank, k, backend=backend), repeats)
+            found[backend] = topk(qs, bank, k, backend=backend)[1].sort(1).values
+            rows.append({"bank": int(n), "backend": backend, "queries": n_query, "k": k, "seconds": wall,
+                         "cpu_seconds": cpu})
+        agree = float((found["torch"] == found["faiss"]).float().mean())
+        for r in rows[-2:]:
+            r["same neighbours as torch"] = agree
+    return rows
+
+
+def cost_figure(frame, x: str, y: str, hue: str, title: str, xlabel: str | None = None):
+    """Cost against size on log-log axes, one line per `hue`, one marker per measured point (nothing drawn
+    between or beyond the measured sizes but the straight segments joining them)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    sns.lineplot(data=frame, x=x, y=y, hue=hue, marker="o", ax=ax)
+    ax.set(xscale="log", yscale="log", title=title, xlabel=xlabel or x, ylabel=y)
+    return fig
