@@ -15,7 +15,10 @@ import torch
 
 from dcmfg.errors import DcmfgError
 
-# Above this many database rows (on CPU) "auto" hands the search to FAISS.
+# Above this many database rows (on CPU) "auto" hands the search to FAISS. Both backends are exact and cost O(rows)
+# per query; measured on 2 cores (1,024 queries, width 512, k 16) the torch backend was the faster at every size
+# tried: 0.56 vs 0.75 CPU-s at 21,000 rows, 1.45 vs 1.99 at 60,000, 5.4 vs 7.5 at 200,000. So the switch sits at
+# the largest size measured; the bank of the standard protocols (21,000 nodes) stays with torch.
 FAISS_AUTO_ROWS = 200_000
 # Score-matrix budget for one (query chunk x database block) step of the torch backend.
 BLOCK_BYTES = 256 * 2**20
