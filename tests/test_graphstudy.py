@@ -1,0 +1,49 @@
+"""The graph chapter's tables: paired differences, sign of the switch comparison, verdict words from intervals."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from dcmfg import graphstudy as gs
+from dcmfg.report import paired_difference
+
+
+def _frame():
+    rows = []
+    for seed, (a, b) in enumerate([(0.70, 0.69), (0.72, 0.70), (0.71, 0.70), (0.69, 0.68), (0.73, 0.71)]):
+        rows.append({"arm": "DCMFG", "seed": seed, "I->T": a, "T->I": a - 0.05})
+        rows.append({"arm": "layers=0", "seed": seed, "I->T": b, "T->I": a - 0.05 + (0.01 if seed % 2 else -0.01)})
+    return pd.DataFrame(rows)
+
+
+def test_paired_against_gives_intervals_and_computed_verdicts():
+    t = gs.paired_against(_frame(), "DCMFG")
+    i2t = t[t["measure"] == "I->T"].iloc[0]
+    ref = paired_difference([0.70, 0.72, 0.71, 0.69, 0.73], [0.69, 0.70, 0.70, 0.68, 0.71])
+    assert i2t["verdict"] == ref["verdict"] == "better" and i2t["seeds"] == 5
+    assert f"{ref['mean']:+.4f}" in i2t["difference [95% t interval]"]
+    assert t[t["measure"] == "T->I"].iloc[0]["verdict"] == "no detectable difference"
+    assert gs.helps(t, "DCMFG - layers=0") == ("is better in one direction and makes no detectable difference in "
+                                               "the other")
+    assert "I->T better" in gs.verdict_sentence(t, "DCMFG - layers=0")
+
+
+def test_switch_table_reports_variant_minus_reference_on_validation():
+    rows = []
+    for seed in range(3):
+        rows.append({"variant": "default", "seed": seed, "val mAP": 0.80 + 0.01 * seed, "query mutual share": 0.7,
+                     "bank mutual share": 0.8, "bank hubness": 2.0, "I->T": 0.7, "T->I": 0.6})
+        rows.append({"variant": "csls", "seed": seed, "val mAP": 0.75 + 0.01 * seed + 0.001 * seed ** 2,
+                     "query mutual share": 0.9, "bank mutual share": 0.9, "bank hubness": 1.0, "I->T": 0.7, "T->I": 0.6})
+    t = gs.switch_table(pd.DataFrame(rows), "default").set_index("variant")
+    cell = t.loc["csls", "val mAP: variant - default [95% t interval]"]
+    assert cell.startswith("-0.04") and t.loc["csls", "verdict (variant vs reference)"] == "worse"
+    assert t.loc["csls", "seeds"] == 3 and t.loc["csls", "query mutual share"] == pytest.approx(0.9)
+
+
+def test_one_seed_is_not_judged():
+    f = _frame()
+    t = gs.paired_against(f[f["seed"] == 0], "DCMFG")
+    assert set(t["verdict"]) == {"one seed: no interval"}
+    assert gs.helps(t, "DCMFG - layers=0").startswith("cannot be judged")
