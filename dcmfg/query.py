@@ -401,12 +401,13 @@ def format_result(res: SearchResult, width: int = 48) -> str:
             f"{res.distance}{' (higher is closer)' if res.distance == 'cosine' else ' distance in bits'}")
     lines = [head]
     score = res.distance
+    wid = max([10] + [len(x) for x in t["id"]])
     for r in t.itertuples(index=False):
         val = f"{getattr(r, score):.4f}" if score == "cosine" else f"{getattr(r, score):d}"
         mark = ("+" if r.shares_label else "-") if item else " "
         mark = "=" if item and r.is_query_item else mark
         text = r.text if len(r.text) <= width else r.text[: width - 3] + "..."
-        lines.append(f"{r.rank:>3} {mark} {r.id:<10} {val:>8}  [{r.labels}]  {text}")
+        lines.append(f"{r.rank:>3} {mark} {r.id:<{wid}} {val:>8}  [{r.labels}]  {text}")
     if item:
         lines.append("+ shares a label with the query item, - shares none, = the query item itself")
     return "\n".join(lines)
