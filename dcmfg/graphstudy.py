@@ -133,22 +133,52 @@ def switch_frame(reports: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def versus(frame: pd.DataFrame, reference: str, values, by: str = "variant") -> pd.DataFrame:
+    """Each variant minus the reference, paired over seeds, per value column: '+0.0012 [-0.0030, +0.0054]' and the
+    verdict of the variant against the reference; one row per variant (empty without another variant)."""
+    rows = {}
+    for col in values:
+        t = paired_table(frame, arm=by, reference=reference, values=[col])
+        flip = {BETTER: WORSE, WORSE: BETTER}
+        for r in t.to_dict("records"):
+            name = r["comparison"].split(" - ", 1)[1]
+            neg = {**r, "mean": -r["mean"], "ci_low": -r["ci_high"], "ci_high": -r["ci_low"]}
+            rows.setdefault(name, {by: name, "seeds": r["n"]})
+            rows[name][f"{col}: variant - {reference} [95% t interval]"] = format_interval(neg)
+            rows[name][f"{col} verdict"] = flip.get(r["verdict"], r["verdict"])
+    return pd.DataFrame(list(rows.values()))
+
+
 def switch_table(frame: pd.DataFrame, reference: str) -> pd.DataFrame:
     """Each variant against the reference on VALIDATION mAP (the selection criterion), paired over seeds, beside
     its mean mutual share and hubness and its query mAP."""
     means = frame.groupby("variant", sort=False)[["val mAP", "query mutual share", "bank mutual share", "bank hubness",
                                                   "I->T", "T->I"]].mean().reset_index()
-    diffs = paired_table(frame, arm="variant", reference=reference, values=["val mAP"])
-    diffs["variant"] = [c.split(" - ", 1)[1] for c in diffs["comparison"]]
-    diffs[f"val mAP: variant - {reference} [95% t interval]"] = [
-        format_interval({**r, "mean": -r["mean"], "ci_low": -r["ci_high"], "ci_high": -r["ci_low"]})
-        for r in diffs.to_dict("records")]
-    flip = {BETTER: WORSE, WORSE: BETTER}
-    diffs["verdict (variant vs reference)"] = [flip.get(v, v) for v in diffs["verdict"]]
-    cols = ["variant", f"val mAP: variant - {reference} [95% t interval]", "n", "verdict (variant vs reference)"]
-    out = means.merge(diffs[cols], on="variant", how="left").rename(columns={"n": "seeds"})
-    out["seeds"] = out["seeds"].astype("Int64")
-    return out
+    diffs = versus(frame, reference, ["val mAP"])
+    if diffs.empty:  # the reference alone: nothing to pair
+        return means
+    return means.merge(diffs, on="variant", how="left")
+
+
+# Ablations of the propagation itself (chapter 6); the relation and k are chapter 5's switches and sweep.
+ABLATIONS = {
+    "attention": [("GATv2 + alignment", {"model.attention": "alignment"}), ("GATv2 only", {"model.attention": "gatv2"}),
+                  ("mean of neighbours (no attention)", {"model.attention": "none"})],
+    "dynamic": [("rebuilt before every layer", {"graph.rebuild_per_layer": True}),
+                ("built once per forward", {"graph.rebuild_per_layer": False})],
+    "layers": [],  # filled from layer_values: L = v
+    "relation": [("mutual kNN", {"graph.relation": "mutual"}), ("plain kNN", {"graph.relation": "knn"}),
+                 ("static graph", {"graph.relation": "static"})],
+}
+
+
+def ablation_variants(group: str, layer_values=(1, 2, 3)) -> list[tuple[str, dict]]:
+    """(label, settings) of one ablation group; the first is the shipped default's value."""
+    if group == "layers":
+        return [(f"L = {int(v)}", {"model.layers": int(v)}) for v in layer_values]
+    if group not in ABLATIONS:
+        raise ValueError(f"unknown ablation group {group!r}; available: {', '.join(sorted(ABLATIONS))}")
+    return ABLATIONS[group]
 
 
 def verdict_sentence(table: pd.DataFrame, comparison: str) -> str:
@@ -241,3 +271,36 @@ def closing_note(controls: pd.DataFrame, stats: pd.DataFrame, seeds) -> str:
         lines.append(f"Queries with a genuine mutual bank neighbour: {row.loc['mutual_share', 'queries']}; served by the "
                      f"fallback edge only: {row.loc['fallback_share', 'queries']} (mean ± std over split seeds {list(seeds)}).")
     return "\n".join(lines)
+
+
+def default_variant(cfg, variants: list[tuple[str, dict]]) -> str | None:
+    """The label of the variant whose settings the config already has (the shipped default), if any."""
+    values = cfg.to_dict()
+
+    def get(dotted: str):
+        node = values
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+
+    return next((label for label, st in variants if all(get(k) == v for k, v in st.items())), None)
+
+
+def ablation_figure(frame: pd.DataFrame, groups: list[str]):
+    """Query mAP@all of each variant, one panel per group and direction, a dot per split seed and the mean."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(groups), 2, figsize=(10, 2.2 + 1.1 * len(groups) * 1.6), squeeze=False)
+    for row, group in zip(axes, groups):
+        part = frame[frame["group"] == group]
+        names = list(dict.fromkeys(part["variant"]))
+        for ax, d in zip(row, DIRECTIONS):
+            for y, name in enumerate(names):
+                v = part.loc[part["variant"] == name, d]
+                ax.plot(v, [y] * len(v), "o", color="tab:blue", alpha=0.5)
+                ax.plot([v.mean()], [y], "|", color="black", markersize=16, mew=2)
+            ax.set_yticks(range(len(names)), names)
+            ax.set_title(f"{group}: {d}", fontsize=10)
+            ax.set_xlabel("query mAP@all")
+    fig.tight_layout()
+    return fig

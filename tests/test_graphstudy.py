@@ -38,7 +38,7 @@ def test_switch_table_reports_variant_minus_reference_on_validation():
                      "query mutual share": 0.9, "bank mutual share": 0.9, "bank hubness": 1.0, "I->T": 0.7, "T->I": 0.6})
     t = gs.switch_table(pd.DataFrame(rows), "default").set_index("variant")
     cell = t.loc["csls", "val mAP: variant - default [95% t interval]"]
-    assert cell.startswith("-0.04") and t.loc["csls", "verdict (variant vs reference)"] == "worse"
+    assert cell.startswith("-0.04") and t.loc["csls", "val mAP verdict"] == "worse"
     assert t.loc["csls", "seeds"] == 3 and t.loc["csls", "query mutual share"] == pytest.approx(0.9)
 
 
