@@ -167,18 +167,12 @@ def words_of(run: Run, text: str) -> list[str]:
 
 def read_image(path):
     """An image file as RGB PIL; one-line error naming the file when it is missing or not an image."""
-    from PIL import Image, UnidentifiedImageError
+    from dcmfg.data.base import ImageReadError, read_image_file
 
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise QueryError(f"{path}: cannot read the query image (file not found)") from None
-    except UnidentifiedImageError:
-        raise QueryError(f"{path}: cannot read the query image (not an image file)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise QueryError(f"{path}: cannot read the query image (corrupt or truncated: {exc})") from None
+        return read_image_file(path)
+    except ImageReadError as exc:
+        raise QueryError(f"{path}: cannot read the query image ({exc.reason})") from None
 
 
 def image_query(run: Run, image, label: str | None = None) -> Query:

@@ -27,8 +27,23 @@ class ImageReadError(DatasetError):
     """An image file is missing or cannot be decoded."""
 
     def __init__(self, path, reason: str):
-        self.path = Path(path)
+        self.path, self.reason = Path(path), reason
         super().__init__(f"{path}: cannot read image ({reason})")
+
+
+def read_image_file(path):
+    """An image file as an RGB PIL image, decoded now (a truncated file fails here, not later); ImageReadError
+    naming the file when it is missing or corrupt."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise ImageReadError(path, "file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(path, f"corrupt or not an image: {exc}") from None
 
 
 @dataclass
@@ -84,18 +99,10 @@ class CrossModalDataset:
 
     def image(self, i: int):
         """Item i's image as an RGB PIL image. Raises ImageReadError naming the file for a missing or corrupt one."""
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
 
         if self.image_paths is not None:
-            path = self.image_paths[i]
-            try:
-                with Image.open(path) as im:
-                    im.load()  # decode now, so truncated files fail here, not later
-                    return im.convert("RGB")
-            except FileNotFoundError:
-                raise ImageReadError(path, "file not found") from None
-            except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-                raise ImageReadError(path, f"corrupt or not an image: {exc}") from None
+            return read_image_file(self.image_paths[i])
         arr = np.asarray(self.image_array[i])
         if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
             raise ImageReadError(self.image_key(i), f"array item has shape {arr.shape} {arr.dtype}, expected HxWx3 uint8")
