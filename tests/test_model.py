@@ -240,6 +240,7 @@ def test_interpret_region_word_map_and_neighbourhood():
     sums = df.groupby(["item", "layer"])["alpha"].sum()
     assert bool(((sums - 1).abs() < 1e-5).all())
     assert (df["neighbour"] == "self").sum() == 3 * cfg.model.layers
+    assert not bool(df.loc[df["neighbour"] == "self", "mutual"].any())
     with pytest.raises(ConfigError, match="no region/word"):
         interpret.region_word_map(create_model("linear", cfg, DI, DT, C), f["image_regions"][0], f["text_words"][0], f["text_mask"][0])
 
