@@ -299,3 +299,19 @@ def test_bank_search_goes_through_topk_with_auto_backend(monkeypatch):
     calls.clear()
     G.BankGraph(cfg, bank, 0).edges(0, torch.randn(5, 16))
     assert calls == [(5, 20, 4, "auto")]  # image queries against the 20 bank texts only
+
+
+def test_centred_relation_is_the_plain_relation_of_the_centred_features():
+    h, mod = _nodes(b=15, seed=4)
+    h[mod == 1] += 2.0
+    cfg = _cfg(k=4, cross_modal_only=False, exclude_pair=True)
+    centre = torch.nn.ModuleList([G.ModalityCentre(16)])
+    means = torch.stack([h[mod == 0].mean(0), h[mod == 1].mean(0)])
+    got = G.BatchGraph(cfg, 15, centre=centre).edges(0, h)  # training mode: this batch's means
+    want = G.BatchGraph(cfg, 15).edges(0, h - means[mod])
+    assert torch.equal(got.index, want.index)
+    centre.eval()  # inference: the frozen running means, whatever the batch
+    other = h[torch.randperm(30, generator=torch.Generator().manual_seed(0))]
+    got = G.BatchGraph(cfg, 15, centre=centre).edges(0, other)
+    want = G.BatchGraph(cfg, 15).edges(0, other - centre[0].mean[mod])
+    assert torch.equal(got.index, want.index)
