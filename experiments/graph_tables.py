@@ -59,7 +59,7 @@ def switches(df: pd.DataFrame, reference: str) -> pd.DataFrame:
     for name in df["name"].unique():
         cur = arm(df, name, "val_map_mean")
         gq = df[df["name"] == name]
-        qms = [r.get("query_mutual_share") for r in gq.get("graph_bank", pd.Series(dtype=object)) if isinstance(r, dict)]
+        qms = [r["query_mutual_share"] for r in gq.get("graph_bank", pd.Series(dtype=object)) if isinstance(r, dict) and r.get("query_mutual_share") is not None]
         row = {"arm": name, "n": len(cur), "val mAP (mean)": cur.mean(),
                "query mutual share": sum(qms) / len(qms) if qms else float("nan"),
                "best epoch": ", ".join(str(int(x)) for x in gq["best_epoch"]),
