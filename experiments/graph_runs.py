@@ -17,14 +17,14 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dcmfg.config import load_config
 from dcmfg.evaluate import load_data, retrieval_for_split, take
 from dcmfg.graphstats import GraphTally
 from dcmfg.modality import IMAGE, TEXT
-from dcmfg.train import batches as _batches, train
+from dcmfg.train import batches as _batches
+from dcmfg.train import train
 
 
 def graph_numbers(model, data, cfg) -> dict:

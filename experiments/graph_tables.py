@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pandas as pd
 
@@ -16,7 +17,7 @@ from dcmfg.report import format_interval, paired_difference
 
 
 def load(paths: list[str]) -> pd.DataFrame:
-    rows = [json.loads(line) for p in paths for line in open(p) if line.strip()]
+    rows = [json.loads(line) for p in paths for line in Path(p).read_text().splitlines() if line.strip()]
     return pd.DataFrame(rows).drop_duplicates(["name", "seed"], keep="last")
 
 

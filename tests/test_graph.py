@@ -13,7 +13,7 @@ from dcmfg import graph as G
 from dcmfg import search
 from dcmfg.config import GraphConfig
 from dcmfg.errors import ConfigError
-from dcmfg.graphstats import GraphTally, skewness
+from dcmfg.graphstats import GraphTally
 
 
 def _nodes(b=12, d=16, seed=0):

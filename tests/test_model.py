@@ -7,12 +7,23 @@ import torch
 import torch.nn.functional as F
 from torch_geometric.nn import GATv2Conv
 
+from dcmfg import graph as G
 from dcmfg import interpret
 from dcmfg.config import load_config
 from dcmfg.errors import ConfigError
-from dcmfg.losses import contrastive_loss, label_similarity, quantization_loss, total_loss
-from dcmfg import graph as G
-from dcmfg.model import AlignedGATv2Conv, GraphLayer, ModelOutput, load_weights, save_weights
+from dcmfg.losses import (
+    contrastive_loss,
+    label_similarity,
+    quantization_loss,
+    total_loss,
+)
+from dcmfg.model import (
+    AlignedGATv2Conv,
+    GraphLayer,
+    ModelOutput,
+    load_weights,
+    save_weights,
+)
 from dcmfg.registry import MODELS, create_model
 
 DI, DT, R, W, C = 24, 20, 4, 6, 5
