@@ -253,8 +253,10 @@ class Study:
             known = sorted(p.stem for p in (repo_dir() / "configs").glob("*.yaml") if not p.stem.startswith("study-"))
             raise ConfigError(f"no config for model {model!r} (configs/{model}.yaml); known: {', '.join(known)}")
         values = yaml.safe_load(path.read_text()) or {}
+        # one thread per run: the same numbers however many runs share the machine (see `runs`)
         dotted = {**self.data_settings(), "train.epochs": int(self.epochs), "train.patience": int(self.patience),
-                  "train.progress": False, "train.device": self.device, **self.settings, **(settings or {})}
+                  "train.progress": False, "train.device": self.device, "train.threads": 1, **self.settings,
+                  **(settings or {})}
         return config_from_dict(apply_overrides(values, dotted))
 
     def config(self, model: str, seed: int, settings: dict | None = None):
@@ -283,30 +285,30 @@ class Study:
         return self._cache[key]
 
     # -- runs ----------------------------------------------------------------------------------------------
-    def run(self, model: str, seed: int, settings: dict | None = None) -> dict:
-        """Train configs/<model>.yaml on one seed's split with `settings` (dotted), or read the finished run back.
-
-        The run folder is named by the config (minus the split file's path) and the split file's bytes: the same
-        config on the same split is deterministic on CPU, so a finished run is reused, never trained again.
-        Returns report.json plus run_dir, seconds, reused and history (metrics.jsonl rows)."""
+    def run_dir(self, model: str, seed: int, settings: dict | None = None):
+        """(config, run folder) of one run. The folder is named by the config (minus the split file's path) and the
+        split file's bytes: the same config on the same split is deterministic on CPU, so a finished run is reused."""
         from dcmfg.config import config_digest
         from dcmfg.fileio import file_sha256
 
         cfg = self.config(model, seed, settings)
         split_sha = file_sha256(cfg.data.split)
         identity = hashlib.sha256(f"{config_digest(_without_split_path(cfg))}:{split_sha}".encode()).hexdigest()[:12]
-        out = cache_dir() / "runs" / f"{model}-seed{int(seed)}-{identity}"
+        return cfg, cache_dir() / "runs" / f"{model}-seed{int(seed)}-{identity}"
+
+    def run(self, model: str, seed: int, settings: dict | None = None) -> dict:
+        """Train configs/<model>.yaml on one seed's split with `settings` (dotted), or read the finished run back.
+        Returns report.json plus run_dir, seconds, cpu_seconds, reused and history (metrics.jsonl rows)."""
+        cfg, out = self.run_dir(model, seed, settings)
         done = out / "study-run.json"
-        if not (done.is_file() and (out / "report.json").is_file()):
+        reused = done.is_file() and (out / "report.json").is_file()
+        if not reused:
             from dcmfg.train import train
 
             t0, c0 = time.perf_counter(), time.process_time()
             train(cfg, out, data=self.bundle(cfg))
             write_text_atomic(done, json.dumps({"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
                                                 "model": model, "seed": int(seed), "settings": settings or {}}, default=str))
-            reused = False
-        else:
-            reused = True
         info = json.loads(done.read_text())
         history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
         return {**json.loads((out / "report.json").read_text()), "run_dir": str(out), "seconds": info["seconds"],
@@ -314,14 +316,30 @@ class Study:
                 "seed": int(seed), "settings": settings or {}}
 
     def runs(self, models, seeds=None, settings: dict | None = None) -> list[dict]:
-        """`run` for every model (a name, or a (label, model, settings) triple) and seed (default: the study's)."""
-        out = []
+        """`run` for every model (a name, or a (label, model, settings) triple) and seed (default: the study's).
+
+        Runs still to train go to worker processes, one per core (DCMFG_WORKERS to change; one on a GPU): every run
+        uses one thread (train.threads = 1, set for the whole study), so its numbers do not depend on how many ran
+        beside it."""
+        tasks = []
         for entry in models:
             label, model, extra = (entry, entry, {}) if isinstance(entry, str) else entry
             for seed in (self.seeds if seeds is None else seeds):
-                rep = self.run(model, int(seed), {**(settings or {}), **extra})
-                out.append({**rep, "label": label})
-        return out
+                tasks.append((label, model, int(seed), {**(settings or {}), **extra}))
+        todo = [t for t in tasks if not (self.run_dir(*t[1:])[1] / "study-run.json").is_file()]
+        workers = min(len(todo), _workers(self.base_config().train.device))
+        if workers > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            params = self.parameters()
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                list(pool.map(_run_in_worker, [(params, model, seed, extra) for _, model, seed, extra in todo]))
+        return [{**self.run(model, seed, extra), "label": label} for label, model, seed, extra in tasks]
+
+    def parameters(self) -> dict:
+        """The values this study was made from (what a worker process needs to make the same study)."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if not k.startswith("_") and k != "choice"}
 
     # -- words for captions -----------------------------------------------------------------------------
     def protocol(self, report: dict | None = None) -> str:
@@ -334,6 +352,17 @@ class Study:
         return (f"{ds.name}{' (SYNTHETIC)' if self.choice.synthetic else ''}, N = {len(ds)}, {self.split_protocol} "
                 f"split (query {self.query}, validation {self.val} of the training pool){sizes}, split seeds "
                 f"{self.seeds}, at most {self.epochs} epochs with patience {self.patience}")
+
+
+def _workers(device: str) -> int:
+    if os.environ.get("DCMFG_WORKERS"):
+        return max(1, int(os.environ["DCMFG_WORKERS"]))
+    return 1 if device.startswith("cuda") else max(1, os.cpu_count() or 1)
+
+
+def _run_in_worker(args) -> None:
+    params, model, seed, settings = args
+    Study.from_parameters(params).run(model, seed, settings)
 
 
 def _without_split_path(cfg):

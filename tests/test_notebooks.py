@@ -82,3 +82,26 @@ def test_a_feature_setting_changes_the_features_of_every_chapter(tmp_path):
         s = study.Study.from_parameters(values)
         run = s.run("dcmfg", 0)  # read back: 03-training trained it with the same settings
         assert run["reused"] and run["config"]["features"]["regions"] == regions
+
+
+@pytest.mark.slow
+def test_runs_trained_side_by_side_equal_runs_trained_one_at_a_time(tmp_path, monkeypatch):
+    """Study.runs trains what is missing in worker processes; every run has one thread, so the numbers are those of
+    the same runs trained one after the other in this process."""
+    params = {"dataset": "synthetic", "synthetic_n": 48, "seeds": [0, 1], "epochs": 2, "patience": 2,
+              "settings": {"train.batch_size": 16, "graph.k": 4, "model.dim": 64, "model.hidden": 64}}
+    shared = Path(os.environ["DCMFG_CACHE"])
+    results = {}
+    for workers in ("2", "1"):
+        cache = tmp_path / f"cache-{workers}"
+        cache.mkdir()
+        for name in ("weights", "features"):
+            (shared / name).mkdir(exist_ok=True)
+            (cache / name).symlink_to(shared / name, target_is_directory=True)
+        monkeypatch.setenv("DCMFG_CACHE", str(cache))
+        monkeypatch.setenv("DCMFG_WORKERS", workers)
+        reports = study.Study.from_parameters(params).runs(["dcmfg", "linear"])
+        # with two workers the pool trained every run and this process read them back; with one, it trained them
+        assert [r["reused"] for r in reports] == [workers == "2"] * 4
+        results[workers] = [(r["model"], r["seed"], r["map_i2t"], r["map_t2i"], r["best_epoch"]) for r in reports]
+    assert results["2"] == results["1"] and len(results["1"]) == 4
