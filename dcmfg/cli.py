@@ -2,6 +2,8 @@
 when that command runs, so `dcmfg --help` and argument errors answer without importing torch.
 
 Exit codes: 0 done, 2 a user error (one line naming the file, option or value), 130 interrupted (Ctrl-C).
+Several processes or GPUs: `torchrun --nproc_per_node=N -m dcmfg.cli features extract|train|evaluate ...` shares the
+extraction (by cache chunk), training (DDP) and evaluation (by query chunk) out across the N processes.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ def _add_features(sub) -> None:
     e.add_argument("--config", default=None, help="a run config (YAML) whose features section to use")
     _set_option(e, "--set features.regions=2")
     e.add_argument("--cache-root", default=None, help="features cache folder (default: $DCMFG_CACHE/features)")
+    e.add_argument("--on-corrupt", choices=("skip", "fail"), default=None,
+                   help="an unreadable image: skip it (its item is left out of every split part) or fail (default: "
+                        "the config's features.on_corrupt, skip)")
+    e.add_argument("--chunk-size", type=int, default=None, help="items per cache file (default 1024)")
     e.add_argument("--device", default="auto", help=DEVICE_HELP)
     e.set_defaults(handler="dcmfg.features:run_command", needs_config=True)
 

@@ -123,7 +123,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     distance: str = "cosine"  # cosine (real-valued z) | hamming (sign of the hash head)
-    chunk_size: int | None = None
+    chunk_size: int | None = None  # queries (and items embedded) per chunk; the sharding unit under torchrun
 
 
 @dataclass

@@ -664,7 +664,7 @@ def run_command(args: argparse.Namespace) -> int:
     from dcmfg.config import load_config
     from dcmfg.data import load_dataset
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")  # what changed, not chatter
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "on_corrupt", None):
         cfg.features.on_corrupt = args.on_corrupt

@@ -125,8 +125,8 @@ def check_parameters(namespace: dict, before: set) -> dict:
         raise ParameterError(f"unknown parameter {unknown[0]!r}; this notebook's parameters are: {', '.join(declared)}")
     values = {}
     for name, annotation in declared.items():
-        if isinstance(annotation, str):  # postponed annotations (a `from __future__ import annotations` upstream)
-            annotation = declared[name] = eval(annotation, dict(namespace))
+        if isinstance(annotation, str):  # a quoted annotation ("Optional[float]") or postponed annotations
+            annotation = declared[name] = eval(annotation, {**vars(typing), **namespace})
         ok, value = _accepts(annotation, namespace.get(name))
         if not ok:
             raise ParameterError(
@@ -151,8 +151,15 @@ def resolve_dataset(dataset: str = "auto", data_root: str = "") -> DataChoice:
         return DataChoice("synthetic", "", True, "the synthetic set was requested explicitly")
     root = os.path.expandvars(str(data_root)) if data_root else ""
     if dataset != "auto":
-        if not root:
-            raise ConfigError(f"dataset {dataset!r} needs data_root (the folder holding it)")
+        if not root:  # the first folder of that dataset under DCMFG_DATA
+            from dcmfg.data.discover import find_datasets
+
+            found = [r for n, r in find_datasets(data_dir()) if n == dataset] if data_dir() is not None else []
+            if not found:
+                raise ConfigError(f"dataset {dataset!r}: no data_root given and none found under DCMFG_DATA "
+                                  f"({shown_path(data_dir()) if data_dir() else 'not set'})")
+            data_root = root = shown_path(found[0]) if shown_path(found[0]).startswith("$DCMFG_DATA") else str(found[0])
+            root = os.path.expandvars(root)
         return DataChoice(dataset, str(data_root), False, f"{dataset} from {shown_path(root)} was requested")
     folder = Path(root) if root else data_dir()
     if folder is None:

@@ -383,7 +383,7 @@ def _gather_fn(sizes: list[int], rank: int):
 def validate_and_select(s: Session, t: Trainer, data: DataBundle, loop: Loop, terms: dict, seconds: float) -> dict:
     """Validation mAP (never the query split), selection by train.select_metric, early stopping, checkpoints."""
     tc = s.cfg.train
-    val = validation_scores(t.model, data, s.cfg, s.device)
+    val = validation_scores(t.model, data, s.cfg, s.device, distributed=s.world > 1)  # every rank takes part
     score = val[f"val_{tc.select_metric}"]
     improved = score > loop.best
     if improved:
@@ -477,19 +477,19 @@ def _interrupts_deferred():
 def finish(s: Session, t: Trainer, data: DataBundle, loop: Loop) -> dict | None:
     """The selected checkpoint scored once on the query split: report.json (rank 0)."""
     s.barrier()
-    report = None
+    best = s.out / "best"
+    if not (best / "model.safetensors").is_file():
+        raise DcmfgError(f"{s.out}: no best checkpoint was written (no epoch finished)")
+    load_weights(t.model, best / "model.safetensors")
+    # every rank scores its share of the queries; rank 0 writes the report
+    report = retrieval_for_split(t.model, data, s.cfg, "query", s.device, distributed=s.world > 1)
     if s.main:
-        best = s.out / "best"
-        if not (best / "model.safetensors").is_file():
-            raise DcmfgError(f"{s.out}: no best checkpoint was written (no epoch finished)")
-        load_weights(t.model, best / "model.safetensors")
-        report = retrieval_for_split(t.model, data, s.cfg, "query", s.device)
         report.update(config=s.cfg.to_dict(), config_digest=t.meta["config_digest"], best_epoch=loop.best_epoch,
                       best_val=loop.best, select_metric=s.cfg.train.select_metric, epochs_run=loop.epoch,
                       checkpoint="best", split_sha256=data.split_sha256)
         write_json_atomic(s.out / "report.json", report)
     s.barrier()
-    return report
+    return report if s.main else None
 
 
 # ---------------------------------------------------------------------------------------------- all steps

@@ -83,13 +83,14 @@ def test_no_data_folder_falls_back_to_synthetic_with_a_banner(monkeypatch, tmp_p
     c = study.resolve_dataset("auto", str(tmp_path / "absent"))
     assert c.synthetic and "does not exist" in c.reason
     assert study.banner_html(study.DataChoice("mirflickr25k", "/d", False, "found")) == ""
-    with pytest.raises(ConfigError, match="needs data_root"):
+    with pytest.raises(ConfigError, match="no data_root given and none found under DCMFG_DATA"):
         study.resolve_dataset("mirflickr25k", "")
 
 
 def test_real_dataset_is_found_under_the_data_folder(mirflickr_root):
     c = study.resolve_dataset("auto", str(mirflickr_root.parent))
-    assert not c.synthetic and c.name == "mirflickr25k" and Path(c.root).resolve() == mirflickr_root.resolve()
+    assert not c.synthetic and c.name == "mirflickr25k"
+    assert Path(os.path.expandvars(c.root)).resolve() == mirflickr_root.resolve()  # shown as $DCMFG_DATA/...
 
 
 # ------------------------------------------------------------------------------------------ offline HTML
