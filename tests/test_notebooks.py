@@ -50,6 +50,11 @@ def test_every_notebook_declares_typed_parameters_and_starts_with_the_check():
         assert len(params) == 1, nb
         lines = [x for x in params[0].source.splitlines() if x.strip() and not x.lstrip().startswith("#")]
         assert all(":" in x.split("=", 1)[0] for x in lines), f"{nb}: every parameter needs a type annotation"
+        # papermill must parse every line (an unparsed one would never receive the study's value)
+        import papermill as pm
+
+        names = [x.split(":", 1)[0].strip() for x in lines]
+        assert list(pm.inspect_notebook(str(REPO / "notebooks" / f"{nb}.ipynb"))) == names, nb
         code = "\n".join(c.source for c in cells if c.cell_type == "code")
         assert "study.start(globals(), _before)" in code, nb
         assert "work_dir" not in code and "data.json" not in code, f"{nb} reads another notebook's files"
