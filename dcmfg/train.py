@@ -538,10 +538,14 @@ def _as_config(config) -> Config:
 
 
 def run_command(args) -> int:
-    """`dcmfg train` (the arguments are defined in dcmfg/cli.py)."""
+    """`dcmfg train` (the arguments are defined in dcmfg/cli.py); under torchrun every rank runs it."""
     overrides = list(args.overrides) + ([f"train.device={args.device}"] if getattr(args, "device", None) else [])
     cfg = load_config(args.config, overrides)
-    res = train(cfg, args.out, resume=not args.no_resume, overwrite=args.overwrite)
+    try:
+        res = train(cfg, args.out, resume=not args.no_resume, overwrite=args.overwrite)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if res.report is not None:
         print(
             f"best epoch {res.best_epoch} (val {res.best_val:.4f}); query mAP@all I->T {res.map_i2t:.4f} "
@@ -551,14 +555,10 @@ def run_command(args) -> int:
 
 
 def main(argv=None) -> int:
-    """`python -m dcmfg.train` / `torchrun -m dcmfg.train`: the same arguments as `dcmfg train`."""
+    """`python -m dcmfg.train` / `torchrun -m dcmfg.train`: the same as `dcmfg train` (and `-m dcmfg.cli train`)."""
     from dcmfg.cli import main as cli_main
 
-    try:
-        return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
