@@ -502,7 +502,7 @@ def train(config: Config | dict | str | Path, out_dir: str | Path | None = None,
     cfg = _as_config(config)
     # Multi-threaded CPU scatter/index kernels add in a varying order; the deterministic variants make the same
     # seed give the same numbers to the last bit (measured: without it, epoch losses differ at 1e-7).
-    previous = torch.are_deterministic_algorithms_enabled()
+    previous, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     torch.use_deterministic_algorithms(True, warn_only=True)
     s = setup(cfg, out_dir, resume=resume, overwrite=overwrite)
     loop = Loop()
@@ -523,7 +523,10 @@ def train(config: Config | dict | str | Path, out_dir: str | Path | None = None,
             f" (run the same command again to {'resume' if kept else 'start'})"
         ) from None
     finally:
+        # a library call leaves the process as it found it: a later run in the same process (a notebook, a test)
+        # must not inherit this run's thread count, or its sums come out in another order
         torch.use_deterministic_algorithms(previous)
+        torch.set_num_threads(threads)
 
 
 def _as_config(config) -> Config:

@@ -122,15 +122,27 @@ def test_same_seed_gives_identical_metrics(tmp_path, syn_data):
     assert _val_curve(tmp_path / "c") != _val_curve(tmp_path / "a")
 
 
+def test_a_run_leaves_the_callers_thread_count_as_it_was(tmp_path, syn_data):
+    # a notebook or test that trains twice in one process must not inherit the first run's train.threads
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        train(_cfg("train.epochs=1", "train.threads=1"), tmp_path / "a", data=syn_data)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.slow
 def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path, syn_data):
-    over = ["train.epochs=6", "train.patience=100"]
+    # threads pinned for both runs: float sums are bit-identical only at the same thread count
+    over = ["train.epochs=6", "train.patience=100", "train.threads=1"]
     ref = train(_cfg(*over), tmp_path / "ref", data=syn_data)
     run = tmp_path / "killed"
     cmd = [sys.executable, "-m", "dcmfg.train", "--config", str(REPO / "configs/dcmfg.yaml"), "--out", str(run)]
     for s in SYN + over:
         cmd += ["--set", s]
-    env = dict(os.environ)  # same thread count as this process: float sums are bit-identical only then
+    env = dict(os.environ)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics = run / "metrics.jsonl"
     # kill as soon as two epochs are logged: the process is then inside epoch 3 (or saving it)
