@@ -383,9 +383,12 @@ def _gather_fn(sizes: list[int], rank: int):
 def validate_and_select(s: Session, t: Trainer, data: DataBundle, loop: Loop, terms: dict, seconds: float) -> dict:
     """Validation mAP (never the query split), selection by train.select_metric, early stopping, checkpoints."""
     tc = s.cfg.train
-    val = validation_scores(t.model, data, s.cfg, s.device, distributed=s.world > 1)  # every rank takes part
-    score = val[f"val_{tc.select_metric}"]
-    improved = score > loop.best
+    epoch = loop.epoch + 1
+    # validated: every val_every-th epoch, and any epoch the run may end on (the cap, or patience running out)
+    due = epoch % tc.val_every == 0 or epoch >= tc.epochs or loop.bad_epochs + 1 >= tc.patience
+    val = validation_scores(t.model, data, s.cfg, s.device, distributed=s.world > 1) if due else {}  # all ranks
+    improved = due and val[f"val_{tc.select_metric}"] > loop.best
+    score = val.get(f"val_{tc.select_metric}")
     if improved:
         loop.best, loop.best_epoch, loop.bad_epochs = score, loop.epoch + 1, 0
     else:
@@ -402,8 +405,9 @@ def validate_and_select(s: Session, t: Trainer, data: DataBundle, loop: Loop, te
             _log_epoch(s.out / "metrics.jsonl", record, fresh=loop.epoch == 1)
             save_checkpoint(s.out / "last", t.model, s.cfg, meta, t.optimizer, t.scheduler, vars(loop))
         if tc.progress:
-            print(f"epoch {loop.epoch}: loss {record.get('loss', float('nan')):.4f}  val mAP I->T "
-                  f"{val['val_map_i2t']:.4f} T->I {val['val_map_t2i']:.4f}{'  *' if improved else ''}", file=sys.stderr)
+            shown = f"  val mAP I->T {val['val_map_i2t']:.4f} T->I {val['val_map_t2i']:.4f}" if due else ""
+            print(f"epoch {loop.epoch}: loss {record.get('loss', float('nan')):.4f}{shown}{'  *' if improved else ''}",
+                  file=sys.stderr)
     return record
 
 

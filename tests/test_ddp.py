@@ -43,8 +43,9 @@ def test_two_gloo_processes_match_the_single_process_run(tmp_path):
     assert [r["epoch"] for r in a] == [r["epoch"] for r in b]
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4)
-        assert rb["val_map_i2t"] == pytest.approx(ra["val_map_i2t"], abs=2e-3)
-        assert rb["val_map_t2i"] == pytest.approx(ra["val_map_t2i"], abs=2e-3)
+        assert ("val_map_i2t" in rb) == ("val_map_i2t" in ra)  # the same epochs validated (train.val_every)
+        for key in ("val_map_i2t", "val_map_t2i") if "val_map_i2t" in ra else ():
+            assert rb[key] == pytest.approx(ra[key], abs=2e-3)
     rep = json.loads((tmp_path / "ddp" / "report.json").read_text())
     assert rep["map_i2t"] == pytest.approx(single.map_i2t, abs=2e-3)
     assert rep["map_t2i"] == pytest.approx(single.map_t2i, abs=2e-3)

@@ -38,6 +38,7 @@ SYN = [
     "train.warmup_epochs=1",
     "train.lr=0.003",
     "train.progress=false",
+    "train.val_every=1",  # these tests compare validation curves epoch by epoch
 ]
 
 
@@ -120,6 +121,24 @@ def test_same_seed_gives_identical_metrics(tmp_path, syn_data):
     assert (a.map_i2t, a.map_t2i) == (b.map_i2t, b.map_t2i)
     c = train(_cfg("train.epochs=3", "seed=1"), tmp_path / "c", data=syn_data)
     assert _val_curve(tmp_path / "c") != _val_curve(tmp_path / "a")
+
+
+def test_validating_every_second_epoch_keeps_the_same_weights_and_checks_the_last_epoch(tmp_path, syn_data):
+    every = train(_cfg("train.epochs=5"), tmp_path / "every", data=syn_data)
+    second = train(_cfg("train.epochs=5", "train.val_every=2"), tmp_path / "second", data=syn_data)
+    a, b = ([json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in ("every", "second"))
+    assert [r["epoch"] for r in b if "val_map_mean" in r] == [2, 4, 5]  # every 2nd, and the cap
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # validation changes nothing in training
+    for ra, rb in zip(a, b):
+        if "val_map_mean" in rb:
+            assert (rb["val_map_i2t"], rb["val_map_t2i"]) == (ra["val_map_i2t"], ra["val_map_t2i"])
+    assert second.best_epoch in (2, 4, 5)
+    best_of_validated = max((r for r in a if r["epoch"] in (2, 4, 5)), key=lambda r: r["val_map_mean"])["epoch"]
+    assert second.best_epoch == best_of_validated
+    # patience counts epochs: with patience 3 a run may stop on an odd epoch, and that epoch is validated
+    train(_cfg("train.epochs=40", "train.val_every=2", "train.patience=3"), tmp_path / "p", data=syn_data)
+    short = [json.loads(x) for x in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
+    assert "val_map_mean" in short[-1]
 
 
 def test_a_run_leaves_the_callers_thread_count_as_it_was(tmp_path, syn_data):
