@@ -90,6 +90,22 @@ class _TokenEncoder(nn.Module):
         self.hash = nn.Linear(d, bits)
 
     def forward(self, glob: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is None or len(glob) <= self.GROUP:
+            return self._encode(glob, tokens, mask)
+        # Tag lists differ a lot in length and padding was most of a text batch (and of this baseline's cost): encode
+        # groups of similar length, each padded to its own longest. Attention, norms and the feed-forward act per
+        # sequence or per token, so a sequence's code does not depend on its group.
+        lengths = mask.sum(1)
+        order = torch.argsort(lengths, stable=True)
+        parts = []
+        for rows in order.split(self.GROUP):
+            width = max(int(lengths[rows].max()), 1)
+            parts.append(self._encode(glob[rows], tokens[rows, :width], mask[rows, :width]))
+        return torch.cat(parts)[torch.argsort(order)]
+
+    GROUP = 32
+
+    def _encode(self, glob: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         x = torch.cat([self.inp(glob)[:, None] + self.kind[0], self.inp(tokens) + self.kind[1]], dim=1)
         pad = None
         if mask is not None:  # True = padding for nn.Transformer; the global token is never padding

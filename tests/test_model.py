@@ -287,3 +287,21 @@ def test_registry_and_checkpoint_from_another_model_is_refused(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="bad.safetensors"):
         load_weights(b, tmp_path / "bad.safetensors")
+
+
+def test_dcmht_codes_texts_alone_whatever_group_of_lengths_they_fall_in():
+    # the token encoder groups texts by length (padding was most of its cost); a text's code must be what the
+    # whole padded batch gives, and must not depend on which other texts share its group
+    from dcmfg.baselines import _TokenEncoder
+
+    torch.manual_seed(0)
+    enc = _TokenEncoder(24, 32, 4, 1, 16, 0.1).eval()
+    n, width = 3 * enc.GROUP + 5, 12
+    lengths = torch.randint(0, width + 1, (n,))
+    mask = torch.arange(width)[None] < lengths[:, None]
+    glob, tokens = torch.randn(n, 24), torch.randn(n, width, 24)
+    with torch.no_grad():
+        grouped, padded = enc(glob, tokens, mask), enc._encode(glob, tokens, mask)
+        alone = torch.cat([enc(glob[i : i + 1], tokens[i : i + 1], mask[i : i + 1]) for i in range(n)])
+    torch.testing.assert_close(grouped, padded, atol=1e-5, rtol=0)
+    torch.testing.assert_close(grouped, alone, atol=1e-5, rtol=0)
