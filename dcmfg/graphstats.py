@@ -68,9 +68,7 @@ class GraphTally:
             self.n["out_max"] += float(out.max()) if len(out) else 0.0
         if alpha is not None:
             a = alpha.detach().double()
-            ent = torch.zeros(t, a.shape[1], dtype=torch.double, device=a.device)
-            ent.index_add_(0, tgt, -(a * torch.log(a.clamp(min=1e-30))))
-            self.n["entropy"] += float(ent.sum())
+            self.n["entropy"] += float(-(a * torch.log(a.clamp(min=1e-30))).sum())  # summed over targets and heads
             self.n["self_alpha"] += float(a[edges.self_loop].sum())
             self.n["rows"] += t * a.shape[1]
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch_geometric.nn import GATv2Conv, SAGEConv
-from torch_geometric.utils import degree, softmax
+from torch_geometric.utils import degree, scatter, softmax
 
 from dcmfg import graph as G
 from dcmfg.config import Config
@@ -317,9 +317,8 @@ class DCMFG(nn.Module):
             edges = graph.edges(0, h)
             tally.add(edges)
             src, dst = edges.index[:, ~edges.self_loop]
-            total = torch.zeros_like(h).index_add_(0, dst, graph.sources(0, h, edges)[src])
-            count = torch.bincount(dst, minlength=len(h)).clamp(min=1)
-            return {**self._heads(h + total / count[:, None]), **_item_stats([edges], len(h))}, []
+            mean = scatter(graph.sources(0, h, edges)[src], dst, dim=0, dim_size=len(h), reduce="mean")  # 0 if none
+            return {**self._heads(h + mean), **_item_stats([edges], len(h))}, []
         h, trace = self.propagate(h, graph, tally)
         attention = [{"query_index": s.edges.index[1], "bank_index": graph.bank_index(s.edges), "alpha": s.alpha,
                       "mutual": s.edges.mutual} for s in trace]
