@@ -60,6 +60,17 @@ def test_every_notebook_declares_typed_parameters_and_starts_with_the_check():
         assert "work_dir" not in code and "data.json" not in code, f"{nb} reads another notebook's files"
 
 
+def test_a_notebook_run_alone_with_its_defaults_is_the_published_chapter():
+    # the defaults of every parameters cell are the full study's values, so `papermill NB out.ipynb` repeats the book
+    import papermill as pm
+
+    full = study.load_params(study.resolve_params_path("full"))
+    for nb in study.notebook_names():
+        declared = pm.inspect_notebook(str(REPO / "notebooks" / f"{nb}.ipynb"))
+        for name, value in study.notebook_parameters(full, nb, declared).items():
+            assert eval(declared[name]["default"]) == value, f"{nb}: {name} defaults to {declared[name]['default']}, the full study uses {value!r}"
+
+
 @pytest.mark.slow
 def test_an_unknown_parameter_fails_before_any_work(tmp_path):
     done = subprocess.run([PAPERMILL, str(REPO / "notebooks" / "03-training.ipynb"), str(tmp_path / "out.ipynb"),
