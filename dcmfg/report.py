@@ -117,10 +117,11 @@ def unconverged(reports: list[dict]) -> list[str]:
 
 
 def curves_frame(reports: list[dict]) -> pd.DataFrame:
-    """Validation curves: one row per run and epoch (loss, val mAP per direction, whether it is the best epoch)."""
+    """Validation curves: one row per run and validated epoch (train.val_every): loss, val mAP per direction, whether
+    it is the best epoch."""
     rows = []
     for r in reports:
-        for h in r.get("history", []):
+        for h in (h for h in r.get("history", []) if "val_map_i2t" in h):
             rows.append({"model": r.get("label", r["model"]), "seed": r["seed"], "epoch": h["epoch"], "loss": h.get("loss"),
                          "val mAP I->T": h["val_map_i2t"], "val mAP T->I": h["val_map_t2i"],
                          "best": h["epoch"] == r["best_epoch"]})
@@ -334,3 +335,52 @@ def package_versions(requirements) -> pd.DataFrame:
             installed = "missing"
         rows.append({"package": name, "pinned": pinned, "installed": installed, "match": installed == pinned})
     return pd.DataFrame(rows)
+
+
+def map_at_k_table(records: pd.DataFrame) -> pd.DataFrame:
+    """mAP@K under both denominators (stable ties), mean over seeds: one row per model, distance and denominator."""
+    mk = records[(records["metric"] == "mAP") & records["k"].notna() & records["variant"].str.contains("ties=stable")]
+    if mk.empty:
+        return mk
+    mk = mk.assign(denominator=mk["variant"].str.extract(r"denominator=(\w+)")[0], K=mk["k"].astype(int))
+    t = mk.groupby(["model", "distance", "denominator", "direction", "K"])["value"].mean().unstack(["direction", "K"])
+    t.columns = [f"{d} mAP@{k}" for d, k in t.columns]
+    return t.reset_index()
+
+
+def at_k_table(records: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """P@K or R@K (stable ties), mean over seeds: one row per model, distance and direction, one column per K."""
+    rows = records[records["metric"] == metric]
+    tab = rows.assign(K=rows["k"].astype(int)).groupby(["model", "distance", "direction", "K"])["value"].mean()
+    tab = tab.unstack("K")
+    tab.columns = [f"{metric}@{k}" for k in tab.columns]
+    return tab.reset_index()
+
+
+def reported_table(reported: pd.DataFrame) -> pd.DataFrame:
+    """Published numbers (book/data/reported.csv) as one row per method, protocol and dataset, bits side by side."""
+    cells = (reported.sort_values("bits").groupby(["method", "protocol", "dataset", "direction"], sort=False)["map"]
+             .agg(lambda v: " / ".join(f"{x:.4f}".lstrip("0") for x in v)).unstack("direction").reset_index())
+    cells.insert(0, "source", "reported")
+    return cells.rename(columns={"I->T": "I->T (16 / 32 / 64 bits)", "T->I": "T->I (16 / 32 / 64 bits)"})
+
+
+def measured_table(measured: pd.DataFrame, data: str, backbones: str) -> pd.DataFrame:
+    """measured_summary as one row per model and distance, 'mean ± std' per direction, with the data and backbones."""
+    cells = measured.assign(value=[f"{m:.4f}" if np.isnan(sd) else f"{m:.4f} ± {sd:.4f}"
+                                   for m, sd in zip(measured["mean"], measured["std"])])
+    wide = cells.pivot_table(index=["model", "distance", "bits"], columns="direction", values="value",
+                             aggfunc="first", dropna=False).reset_index().dropna(subset=["I->T", "T->I"], how="all")
+    wide.insert(0, "source", "measured")
+    return wide.assign(data=data, backbones=backbones)
+
+
+def comparison_points(reported: pd.DataFrame, measured: pd.DataFrame, measured_source: str, bits: int = 64) -> pd.DataFrame:
+    """Reported (at `bits`) and measured mAP as points (label, direction, map, source) for figures.reported_vs_measured."""
+    r = reported[reported["bits"] == bits]
+    r = r.assign(label=r["method"] + " [" + r["dataset"] + ", " + r["protocol"] + "]", source="reported (CLIP, full dataset)")
+    m = measured.assign(label=[f"{mo} ({'real' if d == 'cosine' else f'{int(b)} bits'})"
+                               for mo, d, b in zip(measured["model"], measured["distance"], measured["bits"].fillna(0))],
+                        map=measured["mean"], source=measured_source)
+    cols = ["label", "direction", "map", "source"]
+    return pd.concat([r[cols], m[cols]], ignore_index=True)
