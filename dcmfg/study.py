@@ -394,6 +394,7 @@ def start(namespace: dict, before: set) -> Study:
 
     logging.getLogger("dcmfg").setLevel(logging.ERROR)  # the book shows results, not cache chatter
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch_geometric")
+    warnings.filterwarnings("ignore", message="Glyph .* missing from font")  # tags in scripts the font lacks
     params = check_parameters(namespace, before)
     s = Study.from_parameters(params)
     html = banner_html(s.choice)
