@@ -403,7 +403,10 @@ def validate_and_select(s: Session, t: Trainer, data: DataBundle, loop: Loop, te
             if improved:
                 save_checkpoint(s.out / "best", t.model, s.cfg, meta)
             _log_epoch(s.out / "metrics.jsonl", record, fresh=loop.epoch == 1)
-            save_checkpoint(s.out / "last", t.model, s.cfg, meta, t.optimizer, t.scheduler, vars(loop))
+            # the resume point at validated epochs only (the last epoch is one): writing it cost ~5% of a run, and a
+            # resumed run replays the epochs after it exactly (everything random derives from seed and epoch)
+            if due:
+                save_checkpoint(s.out / "last", t.model, s.cfg, meta, t.optimizer, t.scheduler, vars(loop))
         if tc.progress:
             shown = f"  val mAP I->T {val['val_map_i2t']:.4f} T->I {val['val_map_t2i']:.4f}" if due else ""
             print(f"epoch {loop.epoch}: loss {record.get('loss', float('nan')):.4f}{shown}{'  *' if improved else ''}",
@@ -522,8 +525,9 @@ def train(config: Config | dict | str | Path, out_dir: str | Path | None = None,
         return RunResult(s.out, report, loop.best_epoch, loop.best, history)
     except KeyboardInterrupt:
         kept = find_checkpoint(s.out / "last")
+        epoch = read_json(kept / "state.json")["loop"]["epoch"] if kept else 0
         raise TrainingInterrupted(
-            f"interrupted; {f'the checkpoint of epoch {loop.epoch} is kept in {kept}' if kept else 'no epoch had finished'}"
+            f"interrupted; {f'the checkpoint of epoch {epoch} is kept in {kept}' if kept else 'no epoch had finished'}"
             f" (run the same command again to {'resume' if kept else 'start'})"
         ) from None
     finally:
