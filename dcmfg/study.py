@@ -328,12 +328,17 @@ class Study:
         Runs still to train go to worker processes, one per core (DCMFG_WORKERS to change; one on a GPU): every run
         uses one thread (train.threads = 1, set for the whole study), so its numbers do not depend on how many ran
         beside it."""
-        tasks = []
-        for entry in models:
-            label, model, extra = (entry, entry, {}) if isinstance(entry, str) else entry
-            for seed in (self.seeds if seeds is None else seeds):
-                tasks.append((label, model, int(seed), {**(settings or {}), **extra}))
-        todo = [t for t in tasks if not (self.run_dir(*t[1:])[1] / "study-run.json").is_file()]
+        tasks = self._tasks(models, seeds, settings)
+        finished = [(self.run_dir(*t[1:])[1] / "study-run.json").is_file() for t in tasks]
+        self.train_all([(models, seeds, settings)])
+        return [{**self.run(model, seed, extra), "label": label, "reused": was}  # reused: finished before this call
+                for (label, model, seed, extra), was in zip(tasks, finished)]
+
+    def train_all(self, groups) -> None:
+        """Train, in one pool, the missing runs of several `runs` calls to come, each given as (models, seeds,
+        settings): the cores stay busy until the last run instead of idling at the end of each group."""
+        todo = [t for g in groups for t in self._tasks(*g) if not (self.run_dir(*t[1:])[1] / "study-run.json").is_file()]
+        todo = list({self.run_dir(*t[1:])[1]: t for t in todo}.values())  # a run two groups share is trained once
         todo.sort(key=lambda t: -RUN_COST.get(t[1], max(RUN_COST.values())))  # longest first: no idle core at the end
         workers = min(len(todo), _workers(self.base_config().train.device))
         if workers > 1:
@@ -343,7 +348,17 @@ class Study:
             params = self.parameters()
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
                 list(pool.map(_run_in_worker, [(params, model, seed, extra) for _, model, seed, extra in todo]))
-        return [{**self.run(model, seed, extra), "label": label} for label, model, seed, extra in tasks]
+        else:
+            for _, model, seed, extra in todo:
+                self.run(model, seed, extra)
+
+    def _tasks(self, models, seeds=None, settings: dict | None = None) -> list[tuple]:
+        tasks = []
+        for entry in models:
+            label, model, extra = (entry, entry, {}) if isinstance(entry, str) else entry
+            for seed in (self.seeds if seeds is None else seeds):
+                tasks.append((label, model, int(seed), {**(settings or {}), **extra}))
+        return tasks
 
     def parameters(self) -> dict:
         """The values this study was made from (what a worker process needs to make the same study)."""

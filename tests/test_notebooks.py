@@ -117,7 +117,8 @@ def test_runs_trained_side_by_side_equal_runs_trained_one_at_a_time(tmp_path, mo
         monkeypatch.setenv("DCMFG_CACHE", str(cache))
         monkeypatch.setenv("DCMFG_WORKERS", workers)
         reports = study.Study.from_parameters(params).runs(["dcmfg", "linear"])
-        # with two workers the pool trained every run and this process read them back; with one, it trained them
-        assert [r["reused"] for r in reports] == [workers == "2"] * 4
+        # with two workers the pool trained every run and this process read them back; with one, it trained them;
+        # either way none had finished before the call
+        assert [r["reused"] for r in reports] == [False] * 4
         results[workers] = [(r["model"], r["seed"], r["map_i2t"], r["map_t2i"], r["best_epoch"]) for r in reports]
     assert results["2"] == results["1"] and len(results["1"]) == 4
