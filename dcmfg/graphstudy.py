@@ -157,7 +157,8 @@ def switch_table(frame: pd.DataFrame, reference: str) -> pd.DataFrame:
     diffs = versus(frame, reference, ["val mAP"])
     if diffs.empty:  # the reference alone: nothing to pair
         return means
-    return means.merge(diffs, on="variant", how="left")
+    out = means.merge(diffs, on="variant", how="left")
+    return out.assign(seeds=out["seeds"].astype("Int64"))  # the reference row has none: keep counts integers
 
 
 # Ablations of the propagation itself (chapter 6); the relation and k are chapter 5's switches and sweep.
