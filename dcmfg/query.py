@@ -153,16 +153,10 @@ def text_query(run: Run, text: str) -> Query:
 
 def words_of(run: Run, text: str) -> list[str]:
     """The words of a text as the run's text backbone pools them (fast tokenizer word ids), in word-slot order."""
+    from dcmfg.interpret import words_of as tokenizer_words
+
     f = run.cfg.features
-    enc = _text_encoder(f.text_backbone, int(f.max_words)).tokenizer(text, truncation=True)
-    out, seen = [], set()
-    for wid in enc.word_ids():
-        if wid is None or wid in seen:
-            continue
-        seen.add(wid)
-        span = enc.word_to_chars(wid)
-        out.append(text[span.start:span.end])
-    return out[: int(f.max_words)]
+    return tokenizer_words(_text_encoder(f.text_backbone, int(f.max_words)).tokenizer, text)[: int(f.max_words)]
 
 
 def read_image(path):
