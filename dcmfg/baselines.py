@@ -81,6 +81,8 @@ class DCMH(_NoGraph):
 class _TokenEncoder(nn.Module):
     """[global; tokens] -> width d -> transformer encoder -> first token -> b tanh bits."""
 
+    GROUP = 32  # texts encoded together, grouped by length (see forward)
+
     def __init__(self, d_in: int, d: int, heads: int, layers: int, bits: int, dropout: float):
         super().__init__()
         self.inp = nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, d))
@@ -102,8 +104,6 @@ class _TokenEncoder(nn.Module):
             width = max(int(lengths[rows].max()), 1)
             parts.append(self._encode(glob[rows], tokens[rows, :width], mask[rows, :width]))
         return torch.cat(parts)[torch.argsort(order)]
-
-    GROUP = 32
 
     def _encode(self, glob: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         x = torch.cat([self.inp(glob)[:, None] + self.kind[0], self.inp(tokens) + self.kind[1]], dim=1)

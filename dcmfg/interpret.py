@@ -150,7 +150,8 @@ def query_edges(model, feats: dict, items, modality: int, bank, train_idx, datas
     q = [items[i] for i in nb["item"]]
     other = [int(train_idx[r]) if r >= 0 else qi for r, qi in zip(nb["bank_row"], q)]
     kind = np.where(nb["neighbour"] == "self", "self", np.where(nb["mutual"], "mutual", "fallback"))
-    share = [bool((np.asarray(dataset.labels[a]) * np.asarray(dataset.labels[b])).any()) for a, b in zip(q, other)]
+    labels = np.asarray(dataset.labels)
+    share = (labels[q] * labels[other]).any(1)
     return pd.DataFrame({"query": q, "neighbour": other, "node": nb["bank_modality"], "kind": kind,
                          "alpha": nb["alpha"], "shares a label": share})
 

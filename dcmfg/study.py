@@ -308,7 +308,7 @@ class Study:
         Returns report.json plus run_dir, seconds, cpu_seconds, reused and history (metrics.jsonl rows)."""
         cfg, out = self.run_dir(model, seed, settings)
         done = out / "study-run.json"
-        reused = done.is_file() and (out / "report.json").is_file()
+        reused = _finished(out)
         if not reused:
             from dcmfg.train import train
 
@@ -329,7 +329,7 @@ class Study:
         uses one thread (train.threads = 1, set for the whole study), so its numbers do not depend on how many ran
         beside it."""
         tasks = self._tasks(models, seeds, settings)
-        finished = [(self.run_dir(*t[1:])[1] / "study-run.json").is_file() for t in tasks]
+        finished = [_finished(self.run_dir(*t[1:])[1]) for t in tasks]
         self.train_all([(models, seeds, settings)])
         return [{**self.run(model, seed, extra), "label": label, "reused": was}  # reused: finished before this call
                 for (label, model, seed, extra), was in zip(tasks, finished)]
@@ -337,8 +337,12 @@ class Study:
     def train_all(self, groups) -> None:
         """Train, in one pool, the missing runs of several `runs` calls to come, each given as (models, seeds,
         settings): the cores stay busy until the last run instead of idling at the end of each group."""
-        todo = [t for g in groups for t in self._tasks(*g) if not (self.run_dir(*t[1:])[1] / "study-run.json").is_file()]
-        todo = list({self.run_dir(*t[1:])[1]: t for t in todo}.values())  # a run two groups share is trained once
+        missing: dict = {}  # run folder -> task: a run two groups share is trained once
+        for t in (t for g in groups for t in self._tasks(*g)):
+            out = self.run_dir(*t[1:])[1]
+            if not _finished(out):
+                missing.setdefault(out, t)
+        todo = list(missing.values())
         todo.sort(key=lambda t: -RUN_COST.get(t[1], max(RUN_COST.values())))  # longest first: no idle core at the end
         workers = min(len(todo), _workers(self.base_config().train.device))
         if workers > 1:
@@ -383,9 +387,15 @@ def _workers(device: str) -> int:
     return 1 if device.startswith("cuda") else max(1, os.cpu_count() or 1)
 
 
-# CPU seconds of one converged run of each model on the real subset (one thread, 80 epochs, patience 20; chapter 3
-# prints the measured ones). Only the order of the work queue uses them: every run's numbers are independent of it.
-RUN_COST = {"dcmht": 200, "dcmfg": 140, "linear": 25, "dcmh": 16}
+# CPU seconds of one converged run of each model on the real subset (one thread, 80 epochs, patience 20, validation
+# every 4th epoch; the full study of 2026-12-02, chapter 3 prints them). Only the order of the work queue uses them:
+# every run's numbers are independent of it.
+RUN_COST = {"dcmht": 100, "dcmfg": 95, "linear": 21, "dcmh": 12}
+
+
+def _finished(out: Path) -> bool:
+    """A run folder holds a finished study run (its report and the study's own record of it)."""
+    return (out / "study-run.json").is_file() and (out / "report.json").is_file()
 
 
 def _run_in_worker(args) -> None:

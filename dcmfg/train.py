@@ -390,7 +390,7 @@ def validate_and_select(s: Session, t: Trainer, data: DataBundle, loop: Loop, te
     improved = due and val[f"val_{tc.select_metric}"] > loop.best
     score = val.get(f"val_{tc.select_metric}")
     if improved:
-        loop.best, loop.best_epoch, loop.bad_epochs = score, loop.epoch + 1, 0
+        loop.best, loop.best_epoch, loop.bad_epochs = score, epoch, 0
     else:
         loop.bad_epochs += 1
     loop.epoch += 1
