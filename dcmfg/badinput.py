@@ -338,6 +338,12 @@ def _split_rewritten(ws: Workspace) -> Outcome:
     return o
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """A shell running the study in the background (`nohup ... &`) starts its children with SIGINT ignored; a
+    command in a terminal's foreground has the default handler, which is what this case shows."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _ctrl_c(ws: Workspace) -> Outcome:
     """SIGINT to the command's process group (what Ctrl-C in a terminal does) once its first epoch is logged."""
     ws.run()  # features extracted already: the interrupt lands in training, not in extraction
@@ -346,7 +352,8 @@ def _ctrl_c(ws: Workspace) -> Outcome:
     log_out, log_err = ws.tmp / "ctrl-c.out", ws.tmp / "ctrl-c.err"
     t0 = time.perf_counter()
     with open(log_out, "w") as fo, open(log_err, "w") as fe:
-        proc = subprocess.Popen(argv, cwd=ws.tmp, env=ws.env, stdout=fo, stderr=fe, start_new_session=True)
+        proc = subprocess.Popen(argv, cwd=ws.tmp, env=ws.env, stdout=fo, stderr=fe, start_new_session=True,
+                                preexec_fn=_sigint_as_in_a_terminal)
         metrics = out / "metrics.jsonl"
         while proc.poll() is None and time.perf_counter() - t0 < ws.timeout:
             if metrics.is_file() and metrics.read_text().strip():

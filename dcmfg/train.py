@@ -525,11 +525,20 @@ def train(config: Config | dict | str | Path, out_dir: str | Path | None = None,
         return RunResult(s.out, report, loop.best_epoch, loop.best, history)
     except KeyboardInterrupt:
         kept = find_checkpoint(s.out / "last")
-        epoch = read_json(kept / "state.json")["loop"]["epoch"] if kept else 0
+        saved = read_json(kept / "state.json")["loop"]["epoch"] if kept else 0
+        # the resume point is written at validated epochs (train.val_every): epochs after it run again on resume
+        again = "" if loop.epoch <= saved else (
+            f"; epoch{'s' if loop.epoch > saved + 1 else ''} {saved + 1}{f'-{loop.epoch}' if loop.epoch > saved + 1 else ''}"
+            f" ran after it and will run again")
+        if kept:
+            where = f"the checkpoint of epoch {saved} is kept in {kept}{again}"
+        elif loop.epoch:
+            where = (f"no checkpoint yet: {loop.epoch} epoch(s) ran, and one is written at each validated epoch "
+                     f"(train.val_every={s.cfg.train.val_every})")
+        else:
+            where = "no epoch had finished"
         raise TrainingInterrupted(
-            f"interrupted; {f'the checkpoint of epoch {epoch} is kept in {kept}' if kept else 'no epoch had finished'}"
-            f" (run the same command again to {'resume' if kept else 'start'})"
-        ) from None
+            f"interrupted; {where} (run the same command again to {'resume' if kept else 'start'})") from None
     finally:
         # a library call leaves the process as it found it: a later run in the same process (a notebook, a test)
         # must not inherit this run's thread count, or its sums come out in another order
