@@ -1,4 +1,4 @@
-"""Feature extraction against the bare backbones, on the same images and device (dcmfg.scaling.extraction_throughput).
+"""Feature extraction against the bare backbones, on the same images and device (dcmfg.study.scaling.extraction_throughput).
 
 - bare: the image backbone's forward on ready pixel tensors plus the text backbone's forward on ready token tensors
   (preprocessing and tokenisation done beforehand, outside the timing): the floor any extraction can reach;
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dcmfg.config import FeatureConfig  # noqa: E402
 from dcmfg.data import load_dataset  # noqa: E402
-from dcmfg.scaling import extraction_throughput  # noqa: E402
+from dcmfg.study.scaling import extraction_throughput  # noqa: E402
 
 
 def default_root() -> Path:

@@ -1,4 +1,4 @@
-"""Time and peak memory of dcmfg.metrics mAP@all and dcmfg.search.topk against the usual alternatives.
+"""Time and peak memory of dcmfg.metrics mAP@all and dcmfg.graph.knn.topk against the usual alternatives.
 
 For each size (MIRFlickr: 2,000 queries x 18,015 database items, 24 labels; NUS-WIDE: 2,100 x 193,734, 21 labels)
 and each representation (64-bit hash codes, 512-d floats) it runs, in the same process:
@@ -31,8 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dcmfg.metrics import mean_average_precision  # noqa: E402
-from dcmfg.scaling import PeakRSS  # noqa: E402
-from dcmfg.search import topk  # noqa: E402
+from dcmfg.study.scaling import PeakRSS  # noqa: E402
+from dcmfg.graph.knn import topk  # noqa: E402
 
 SIZES = {
     # name: (queries, database, labels, mean labels per item)

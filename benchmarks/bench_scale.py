@@ -14,7 +14,7 @@ config (configs/dcmfg.yaml) and only public APIs:
 Each size runs in its own process, so `peak_rss_mb` (the process's maximum resident memory, features included) is
 that size's alone. Times are wall seconds with CPU seconds beside them (`*_cpu_s`): on a shared machine the CPU
 time is the steadier figure. One JSON line per size; `--out` appends them. The measuring code is
-`dcmfg.scaling.pipeline_cost` (the scaling chapter calls it too).
+`dcmfg.study.scaling.pipeline_cost` (the scaling chapter calls it too).
 
     .venv/bin/python benchmarks/bench_scale.py                       # both sizes, CPU (about 15 min on 2 cores)
     .venv/bin/python benchmarks/bench_scale.py --sizes 20015 --device cuda
@@ -43,7 +43,7 @@ SIZES = (20_015, 190_421)
 def run_one(n: int, args) -> dict:
     from dcmfg.config import load_config
     from dcmfg.data import load_dataset
-    from dcmfg.scaling import pipeline_cost, real_labels_and_words
+    from dcmfg.study.scaling import pipeline_cost, real_labels_and_words
 
     data = os.environ.get("DCMFG_DATA") or str(REPO.parent / "shared" / "data")
     ds = load_dataset("mirflickr25k", args.label_root or Path(data) / "mirflickr-mini")

@@ -45,7 +45,7 @@ def _add_train(sub) -> None:
     p.add_argument("--device", default=None, help=DEVICE_HELP + "; default: the config's train.device")
     p.add_argument("--no-resume", action="store_true", help="do not resume OUT/last (refused if OUT holds a run)")
     p.add_argument("--overwrite", action="store_true", help="replace the run in OUT (checkpoints, metrics, report)")
-    p.set_defaults(handler="dcmfg.train:run_command", needs_config=True)
+    p.set_defaults(handler="dcmfg.engine.train:run_command", needs_config=True)
 
 
 def _add_evaluate(sub) -> None:
@@ -55,7 +55,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--out", default=None, help="report path (default RUN/evaluate_<split>.json)")
     _set_option(p, "eval.distance=hamming or graph.inference=transductive")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.set_defaults(handler="dcmfg.evaluate:run_command")
+    p.set_defaults(handler="dcmfg.engine.evaluate:run_command")
 
 
 def _add_study(sub) -> None:
@@ -83,7 +83,7 @@ def _add_search(sub) -> None:
     p.add_argument("--distance", choices=("cosine", "hamming"), default=None,
                    help="cosine on the embeddings or Hamming on the hash codes (default: the run's eval.distance)")
     p.add_argument("--json", action="store_true", help="one JSON object per result line")
-    p.set_defaults(handler="dcmfg.query:run_command")
+    p.set_defaults(handler="dcmfg.search:run_command")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from dcmfg.config import load_config
-from dcmfg.evaluate import load_data, retrieval_for_split, take
-from dcmfg.graphstats import GraphTally
+from dcmfg.engine.evaluate import load_data, retrieval_for_split, take
+from dcmfg.graph.stats import GraphTally
 from dcmfg.modality import IMAGE, TEXT
-from dcmfg.train import batches as _batches
-from dcmfg.train import train
+from dcmfg.engine.train import batches as _batches
+from dcmfg.engine.train import train
 
 
 def graph_numbers(model, data, cfg) -> dict:
@@ -106,8 +106,8 @@ def main() -> None:
 
 def res_model(out_dir: Path, cfg, data):
     """The selected (best validation epoch) weights."""
-    from dcmfg.model import load_weights
-    from dcmfg.registry import create_model
+    from dcmfg.models.dcmfg import load_weights
+    from dcmfg.models.registry import create_model
 
     dims = (data.feats["image_global"].shape[1], data.feats["text_global"].shape[1], data.labels.shape[1])
     model = create_model(cfg.model.name, cfg, *dims)

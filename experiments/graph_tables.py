@@ -1,5 +1,5 @@
 """Tables of issue 10 from the JSON lines of experiments/graph_runs.py: the controls (paired over seeds, Student-t
-95% intervals and computed verdicts from dcmfg.report), the relation switches on VALIDATION mAP (the shipped default
+95% intervals and computed verdicts from dcmfg.study.tables), the relation switches on VALIDATION mAP (the shipped default
 is chosen there), graph statistics and run costs.
 
     .venv/bin/python experiments/graph_tables.py /tmp/h1/sweep.jsonl [--reference base]
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dcmfg.report import format_interval, paired_difference
+from dcmfg.study.tables import format_interval, paired_difference
 
 
 def load(paths: list[str]) -> pd.DataFrame:

@@ -1,10 +1,10 @@
-"""The bad-input table (dcmfg.badinput) end to end: real `dcmfg` subprocesses on a corrupted copy of the real subset."""
+"""The bad-input table (dcmfg.study.badinput) end to end: real `dcmfg` subprocesses on a corrupted copy of the real subset."""
 
 from __future__ import annotations
 
 import pytest
 
-from dcmfg.badinput import CASES, SPLIT_EDITS, run_cases
+from dcmfg.study.badinput import CASES, SPLIT_EDITS, run_cases
 
 CHEAP = ["query-0", "query-1.0", "missing-folder", "manifest-dotdot", "split-leak"]
 

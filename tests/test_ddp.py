@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from dcmfg.config import load_config
-from dcmfg.bundle import load_data
-from dcmfg.train import train
+from dcmfg.engine.data import load_data
+from dcmfg.engine.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def _curve(run: Path) -> list[dict]:
 def test_two_gloo_processes_match_the_single_process_run(tmp_path):
     cfg = load_config(REPO / "configs/dcmfg.yaml", SETS)
     single = train(cfg, tmp_path / "single", data=load_data(cfg))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dcmfg.train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dcmfg.engine.train",
            "--config", str(REPO / "configs/dcmfg.yaml"), "--out", str(tmp_path / "ddp")]
     for s in SETS:
         cmd += ["--set", s]

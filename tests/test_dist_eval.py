@@ -91,7 +91,7 @@ def _evaluate(run: Path, out: Path, nproc: int) -> dict:
 @pytest.mark.slow
 def test_evaluation_on_two_ranks_equals_one_process(tmp_path):
     from dcmfg.config import load_config
-    from dcmfg.train import train
+    from dcmfg.engine.train import train
 
     run = train(load_config(REPO / "configs/dcmfg.yaml", RUN_SETS), tmp_path / "run").out_dir
     one = _evaluate(run, tmp_path / "one.json", 1)

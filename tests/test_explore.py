@@ -1,5 +1,5 @@
-"""Searching a trained run with new queries (dcmfg.query, `dcmfg search`) and the explorer's views
-(dcmfg.explorer), on runs trained on the real MIRFlickr subset."""
+"""Searching a trained run with new queries (dcmfg.search, `dcmfg search`) and the explorer's views
+(dcmfg.study.explorer), on runs trained on the real MIRFlickr subset."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dcmfg import explorer as X
-from dcmfg import query as Q
+from dcmfg.study import explorer as X
+from dcmfg import search as Q
 from dcmfg.config import load_config
-from dcmfg.evaluate import codes, embed_parts
+from dcmfg.engine.evaluate import codes, embed_parts
 from dcmfg.metrics import mean_average_precision
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def trained_run(root, model: str, *overrides) -> Path:
     import hashlib
 
     from dcmfg.paths import cache_dir
-    from dcmfg.train import train
+    from dcmfg.engine.train import train
 
     cfg = load_config(REPO / "configs" / f"{model}.yaml",
                       [f"data.root={root}", "train.epochs=2", "train.progress=false", *overrides])
@@ -71,7 +71,7 @@ def _evaluation(run: Q.Run, distance: str = "cosine"):
 
 def _ranking(qcode: torch.Tensor, dbcode: torch.Tensor, distance: str):
     """Scores (higher = closer) and the stable order (ties to the lower database position), computed here
-    independently of dcmfg.search."""
+    independently of dcmfg.graph.knn."""
     if distance == "cosine":
         s = F.normalize(qcode, dim=1) @ F.normalize(dbcode, dim=1).T
     else:

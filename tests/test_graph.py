@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dcmfg import graph as G
-from dcmfg import search
+from dcmfg.graph import batch as G
+from dcmfg.graph import knn as search
 from dcmfg.config import GraphConfig
 from dcmfg.errors import ConfigError
-from dcmfg.graphstats import GraphTally
+from dcmfg.graph.stats import GraphTally
 
 
 def _nodes(b=12, d=16, seed=0):

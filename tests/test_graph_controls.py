@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from dcmfg.bundle import load_data
+from dcmfg.engine.data import load_data
 from dcmfg.config import load_config
-from dcmfg.evaluate import evaluate
-from dcmfg.train import train
+from dcmfg.engine.evaluate import evaluate
+from dcmfg.engine.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 SYN = ["data.name=synthetic", "data.options.n=120", "data.options.seed=0", "model.dim=64", "model.hidden=128",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from dcmfg import graphstudy as gs
-from dcmfg.report import paired_difference
+from dcmfg.study import graphstudy as gs
+from dcmfg.study.tables import paired_difference
 
 
 def _frame():

@@ -7,24 +7,24 @@ import torch
 import torch.nn.functional as F
 from torch_geometric.nn import GATv2Conv
 
-from dcmfg import graph as G
-from dcmfg import interpret
+from dcmfg.graph import batch as G
+from dcmfg.study import interpret
 from dcmfg.config import load_config
 from dcmfg.errors import ConfigError
-from dcmfg.losses import (
+from dcmfg.engine.losses import (
     contrastive_loss,
     label_similarity,
     quantization_loss,
     total_loss,
 )
-from dcmfg.model import (
+from dcmfg.models.dcmfg import (
     AlignedGATv2Conv,
     GraphLayer,
     ModelOutput,
     load_weights,
     save_weights,
 )
-from dcmfg.registry import MODELS, create_model
+from dcmfg.models.registry import MODELS, create_model
 
 DI, DT, R, W, C = 24, 20, 4, 6, 5
 
@@ -292,7 +292,7 @@ def test_registry_and_checkpoint_from_another_model_is_refused(tmp_path):
 def test_dcmht_codes_texts_alone_whatever_group_of_lengths_they_fall_in():
     # the token encoder groups texts by length (padding was most of its cost); a text's code must be what the
     # whole padded batch gives, and must not depend on which other texts share its group
-    from dcmfg.baselines import _TokenEncoder
+    from dcmfg.models.baselines import _TokenEncoder
 
     torch.manual_seed(0)
     enc = _TokenEncoder(24, 32, 4, 1, 16, 0.1).eval()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dcmfg import search
-from dcmfg.search import (
+from dcmfg.graph import knn as search
+from dcmfg.graph.knn import (
     SearchInputError,
     kth_neighbour_similarity,
     knn_within,

@@ -17,9 +17,9 @@ import torch
 
 from dcmfg.config import load_config
 from dcmfg.errors import ConfigError, DcmfgError
-from dcmfg.bundle import load_data
-from dcmfg.evaluate import evaluate
-from dcmfg.train import TrainingDiverged, train
+from dcmfg.engine.data import load_data
+from dcmfg.engine.evaluate import evaluate
+from dcmfg.engine.train import TrainingDiverged, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -160,7 +160,7 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path,
     over = ["train.epochs=6", "train.patience=100", "train.threads=1", f"train.val_every={val_every}"]
     ref = train(_cfg(*over), tmp_path / "ref", data=syn_data)
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "dcmfg.train", "--config", str(REPO / "configs/dcmfg.yaml"), "--out", str(run)]
+    cmd = [sys.executable, "-m", "dcmfg.engine.train", "--config", str(REPO / "configs/dcmfg.yaml"), "--out", str(run)]
     for s in SYN + over:
         cmd += ["--set", s]
     env = dict(os.environ)
@@ -207,7 +207,7 @@ def test_resume_refuses_another_config_and_k_larger_than_the_graph(tmp_path, syn
 
 
 def test_cli_train_and_evaluate_one_line_errors(tmp_path, syn_data, capsys):
-    from dcmfg.train import main
+    from dcmfg.engine.train import main
 
     rc = main(["--config", str(REPO / "configs/dcmfg.yaml"), "--out", str(tmp_path / "r"), "--set", "graph.nope=1"])
     assert rc == 2 and "unknown config key 'graph.nope'" in capsys.readouterr().err
@@ -221,7 +221,7 @@ def test_cli_train_and_evaluate_one_line_errors(tmp_path, syn_data, capsys):
 
 @pytest.mark.parametrize("n,batch_size", [(200, 128), (526, 128), (10, 4), (64, 64)])
 def test_batches_cover_every_item_once(n, batch_size):
-    from dcmfg.train import batches
+    from dcmfg.engine.train import batches
 
     chunks = batches(n, batch_size, torch.Generator().manual_seed(0))
     allidx = torch.cat(chunks)

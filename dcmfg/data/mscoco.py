@@ -30,7 +30,7 @@ The retrieval protocol for grouped rows (what we chose, and why):
    the number would measure pair memorisation, not label-level retrieval.
 2. Relevance is the usual one (share >= 1 label); siblings share every label, so an image and its captions act as
    one item for relevance.
-3. The image side is counted once per group (`group_representatives`, which `dcmfg.evaluate` uses): an image
+3. The image side is counted once per group (`group_representatives`, which `dcmfg.engine.evaluate` uses): an image
    repeated once per caption would be retrieved five times for a text query and weigh five times in image->text
    mAP. The text side keeps every caption as its own query / database item: they are different texts.
 4. A split file whose parts cut through a group is refused when it is loaded (`dcmfg.data.splits.check_split`),

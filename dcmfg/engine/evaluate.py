@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dcmfg.bundle import DataBundle, load_data, take
+from dcmfg.engine.data import DataBundle, load_data, take
 from dcmfg.data.mscoco import group_representatives
 from dcmfg.config import Config, apply_overrides, config_from_dict
 from dcmfg.errors import ConfigError, DcmfgError
@@ -45,7 +45,7 @@ def embed_parts(model, data: DataBundle, bank_idx, item_idx, device="cpu", *, ch
     {"z", "h"}} on the CPU (with a graph also the per-item graph statistics "mutual", "fallback", "degree"), and
     with `return_bank` the bank too. `inference`: graph.inference (bank, none, smooth; default the model's own).
     """
-    from dcmfg.bundle import word_limit
+    from dcmfg.engine.data import word_limit
     from dcmfg.distributed import gather_blocks, shard_chunks
 
     model.eval()
@@ -87,7 +87,7 @@ def transductive_refine(zq: torch.Tensor, zdb: torch.Tensor, k: int, temperature
     of itself and its mutual neighbours. Unlike the inductive mode, a query's result depends on the others."""
     from torch_geometric.utils import scatter, softmax
 
-    from dcmfg import search
+    from dcmfg.graph import knn as search
 
     x = F.normalize(torch.cat([zq, zdb]).float(), dim=1)
     edges = search.mutual_knn_edges(x, k, relation="mutual", fallback="nearest", self_loops=True)
@@ -152,7 +152,7 @@ def retrieval_for_split(model, data: DataBundle, cfg: Config, split: str = "quer
     gathered, and every rank returns the single process's report."""
     import pandas as pd
 
-    from dcmfg.graphstats import inference_report
+    from dcmfg.graph.stats import inference_report
     from dcmfg.metrics import report_summary, retrieval_report
 
     train_idx = data.part("train")
@@ -229,8 +229,8 @@ def write_json_atomic(path: Path, obj) -> None:
 def load_checkpoint_model(path, device="cpu") -> tuple[torch.nn.Module, Config, dict]:
     """A trained model from a checkpoint folder (or a run folder: its `best/` checkpoint)."""
     from dcmfg.config import config_from_json
-    from dcmfg.model import load_weights
-    from dcmfg.registry import create_model
+    from dcmfg.models.dcmfg import load_weights
+    from dcmfg.models.registry import create_model
 
     path = Path(path)
     if not path.is_dir():

@@ -1,6 +1,6 @@
 """The dynamic cross-modal feature graph (method.md section 2): which nodes connect, in training and against the bank.
 
-One abstraction, two implementations, both walked by the one propagation loop `dcmfg.model.DCMFG.propagate`:
+One abstraction, two implementations, both walked by the one propagation loop `dcmfg.models.dcmfg.DCMFG.propagate`:
 
 - `BatchGraph`: the 2n nodes [images; texts] of n pairs (a training mini-batch, or the training set when the
   reference bank is built); messages among them; rebuilt from the current features.
@@ -13,7 +13,7 @@ Both ask a graph two things per layer: `edges(layer, h)` (built before the first
 0 = source j, row 1 = target i, message j -> i) and carry flags: `mutual` (the pair passed the mutual test), `fallback`
 (added because the target had no relation edge), `self_loop`, `cross` (image-text).
 
-The relation itself (candidates, CSLS hubness correction, the (k, k') mutual test) is `dcmfg.search.mutual_graph` /
+The relation itself (candidates, CSLS hubness correction, the (k, k') mutual test) is `dcmfg.graph.knn.mutual_graph` /
 `mutual_to_bank`; this module decides which features it sees (the current states, centred per modality with
 `graph.centre`; or the frozen backbone globals for `static`) and which nodes are candidates. It also holds the
 region-word alignment score that the attention of cross-modal edges receives (section 3).
@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dcmfg import search
+from dcmfg.graph import knn as search
 from dcmfg.config import GraphConfig
 from dcmfg.errors import ConfigError, DcmfgError
 from dcmfg.modality import IMAGE, TEXT

@@ -1,6 +1,6 @@
 """The search explorer: what a query retrieves from one or two trained runs, and why.
 
-Every view is an HTML string built from `dcmfg.query` results (thumbnails and figures inlined as data URIs), so the
+Every view is an HTML string built from `dcmfg.search` results (thumbnails and figures inlined as data URIs), so the
 book's static pages (`show_queries`) and the live JupyterLab explorer (`Explorer`, ipywidgets) show the same thing:
 
 - `results_html`: the top results as thumbnails (or texts) with their scores and relevance marks;
@@ -22,7 +22,7 @@ import numpy as np
 
 from dcmfg.errors import DcmfgError
 from dcmfg.modality import IMAGE, TEXT
-from dcmfg import query as Q
+from dcmfg import search as Q
 
 MARKS = {True: ("&#10003;", "#1a7f37", "shares a label with the query"),
          False: ("&#10007;", "#cf222e", "shares no label with the query")}
@@ -156,7 +156,7 @@ def region_word_html(res: Q.SearchResult, rank: int = 1, max_words: int = 6, siz
     one text). Cosines in the model's projected token space, drawn over the image's r x r region grid."""
     import matplotlib.pyplot as plt
 
-    from dcmfg.interpret import region_word_map
+    from dcmfg.study.interpret import region_word_map
 
     run, q = res.run, res.query
     ds, feats = run.dataset, run.data.feats
@@ -304,7 +304,7 @@ def show_queries(runs: dict, queries: list[dict], top: int = 8, distance: str | 
     runs compared), the region-word map of result `detail_rank` and the query's neighbourhood for the first run.
 
     runs: {display name: run folder or loaded Run}; queries: [{"text": ...} | {"image": path} | {"item": id,
-    "against": "texts"}, ...] (the keyword arguments of `dcmfg.query.search`).
+    "against": "texts"}, ...] (the keyword arguments of `dcmfg.search.search`).
     """
     from IPython.display import HTML, display
 

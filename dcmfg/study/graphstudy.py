@@ -1,7 +1,7 @@
 """Does the graph help? The arms, controls and tables of the graph chapter (notebooks/05-graph.ipynb, issue 10).
 
 A claim that the graph helps needs its control: the same model without the graph, with the same losses and
-budget, trained to convergence, paired over split seeds, with Student-t intervals (`dcmfg.report`). The arms:
+budget, trained to convergence, paired over split seeds, with Student-t intervals (`dcmfg.study.tables`). The arms:
 
 - **DCMFG**: the shipped config, scored with its graph (bank inference);
 - **DCMFG weights, no graph**: the same trained weights scored with `graph.inference=none` (the projections alone);
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dcmfg.report import BETTER, NO_DIFFERENCE, NO_INTERVAL, WORSE, format_interval, mean_std, paired_table
+from dcmfg.study.tables import BETTER, NO_DIFFERENCE, NO_INTERVAL, WORSE, format_interval, mean_std, paired_table
 
 REFERENCE = "DCMFG"
 CONTROLS = [(REFERENCE, "dcmfg", {}), ("layers=0", "dcmfg", {"model.layers": 0}), ("linear, loss-matched", "linear", {})]
@@ -42,7 +42,7 @@ DIRECTIONS = ("I->T", "T->I")
 def rescore(report: dict, inference: str) -> dict:
     """A run's selected checkpoint scored on the query split with graph.inference=`inference` (same weights),
     cached in the run folder as evaluate_query_<inference>.json."""
-    from dcmfg.evaluate import evaluate
+    from dcmfg.engine.evaluate import evaluate
 
     path = Path(report["run_dir"]) / f"evaluate_query_{inference}.json"
     if path.is_file():

@@ -11,10 +11,10 @@ import importlib
 from dcmfg.errors import ConfigError
 
 MODELS: dict[str, str] = {
-    "dcmfg": "dcmfg.model:DCMFG",
-    "linear": "dcmfg.baselines:LinearModel",
-    "dcmh": "dcmfg.baselines:DCMH",
-    "dcmht": "dcmfg.baselines:DCMHT",
+    "dcmfg": "dcmfg.models.dcmfg:DCMFG",
+    "linear": "dcmfg.models.baselines:LinearModel",
+    "dcmh": "dcmfg.models.baselines:DCMH",
+    "dcmht": "dcmfg.models.baselines:DCMHT",
 }
 
 

@@ -43,7 +43,7 @@ class GraphTally:
 
     @torch.no_grad()
     def add(self, edges, alpha: torch.Tensor | None = None, layer: int = 0) -> None:
-        """One graph step: `edges` a `dcmfg.graph.Edges`, `alpha` (E, heads) its attention coefficients."""
+        """One graph step: `edges` a `dcmfg.graph.batch.Edges`, `alpha` (E, heads) its attention coefficients."""
         t = edges.n_targets
         src, tgt = edges.index
         other = ~edges.self_loop

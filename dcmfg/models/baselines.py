@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from dcmfg.config import Config
 from dcmfg.modality import IMAGE, TEXT
-from dcmfg.model import ModelOutput, Projection
+from dcmfg.models.dcmfg import ModelOutput, Projection
 
 
 class _NoGraph(nn.Module):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from dcmfg.config import LossConfig
 
 if TYPE_CHECKING:
-    from dcmfg.model import ModelOutput
+    from dcmfg.models.dcmfg import ModelOutput
 
 
 def label_similarity(a: torch.Tensor, b: torch.Tensor, soft: bool = False) -> torch.Tensor:
@@ -74,7 +74,7 @@ def balance_loss(h: torch.Tensor) -> torch.Tensor:
 
 
 def total_loss(out: "ModelOutput", labels: torch.Tensor, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """The weighted sum of every term whose inputs the model produced (fields of `dcmfg.model.ModelOutput`, None
+    """The weighted sum of every term whose inputs the model produced (fields of `dcmfg.models.dcmfg.ModelOutput`, None
     when absent) and whose weight in the config is non-zero; returns (loss, {term: value}) for logging.
 
     z_img/z_txt (graph outputs), p_img/p_txt (pre-graph projections), h_img/h_txt (tanh codes), logits_img/logits_txt

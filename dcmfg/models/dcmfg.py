@@ -12,7 +12,7 @@ evaluation never branch on the model:
 `batch`/`feats` are dicts of float tensors: image_global (N, Di), image_regions (N, R, Di), text_global (N, Dt),
 text_words (N, W, Dt), text_mask (N, W) bool.
 
-The graph (`dcmfg.graph`) has two implementations, the batch graph (training, and the bank's own graph) and the bank
+The graph (`dcmfg.graph.batch`) has two implementations, the batch graph (training, and the bank's own graph) and the bank
 graph (queries against the bank); `DCMFG.propagate` is the one loop that walks either.
 """
 
@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch_geometric.nn import GATv2Conv, SAGEConv
 from torch_geometric.utils import degree, scatter, softmax
 
-from dcmfg import graph as G
+from dcmfg.graph import batch as G
 from dcmfg.config import Config
 from dcmfg.errors import ConfigError
-from dcmfg.graphstats import GraphTally
+from dcmfg.graph.stats import GraphTally
 from dcmfg.modality import IMAGE, TEXT
 
 # ---------------------------------------------------------------------------------------------- pieces
@@ -101,7 +101,7 @@ class GraphLayer(nn.Module):
 
 @dataclass
 class ModelOutput:
-    """What a model's forward returns on a training batch; `dcmfg.losses.total_loss` reads these fields by name
+    """What a model's forward returns on a training batch; `dcmfg.engine.losses.total_loss` reads these fields by name
     (a renamed field fails loudly there instead of silently dropping a loss term)."""
 
     z_img: torch.Tensor | None = None  # graph outputs, L2-normalised (B, d)

@@ -143,7 +143,7 @@ def query_edges(model, feats: dict, items, modality: int, bank, train_idx, datas
     """Every edge of the query items (dataset indices; `feats` holds all items) to the bank at one layer: query,
     neighbour item (dataset index), its node modality, kind (mutual / fallback / self), attention (mean over heads),
     and whether the two items share a label."""
-    from dcmfg.bundle import take
+    from dcmfg.engine.data import take
 
     items = [int(i) for i in items]
     nb = neighbourhood(model, take(feats, items), modality, bank, layer=layer)

@@ -1,7 +1,7 @@
 """Training, as named steps: set-up, data, model and optimiser, resume, one epoch, validate-and-select, finish.
 
 Python API: `train(config, out_dir) -> RunResult`. Command: `dcmfg train --config configs/dcmfg.yaml --set a.b=c
---out runs/x`; distributed: `torchrun --nproc_per_node=N -m dcmfg.train --config ... --out ...`.
+--out runs/x`; distributed: `torchrun --nproc_per_node=N -m dcmfg.engine.train --config ... --out ...`.
 
 AdamW with a linear warm-up and cosine decay (transformers' schedule), model selection and early stopping on the
 validation split only, checkpoints with exact resume (weights, optimiser, schedule, RNG), seeded determinism on CPU,
@@ -29,15 +29,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dcmfg.bundle import DataBundle, load_data, resolve_split, take, word_limit
+from dcmfg.engine.data import DataBundle, load_data, resolve_split, take, word_limit
 from dcmfg.config import Config, config_digest, config_from_dict, load_config
 from dcmfg.errors import ConfigError, DcmfgError, Interrupted
-from dcmfg.evaluate import retrieval_for_split, validation_scores, write_json_atomic
+from dcmfg.engine.evaluate import retrieval_for_split, validation_scores, write_json_atomic
 from dcmfg.fileio import read_json, save_safetensors_atomic, write_text_atomic
-from dcmfg.graph import NonFiniteFeatures
-from dcmfg.losses import total_loss
-from dcmfg.model import load_weights, save_weights
-from dcmfg.registry import create_model
+from dcmfg.graph.batch import NonFiniteFeatures
+from dcmfg.engine.losses import total_loss
+from dcmfg.models.dcmfg import load_weights, save_weights
+from dcmfg.models.registry import create_model
 
 # Config fields that may change between a run and its resume without changing what is computed.
 RESUME_FREE = {("train", "progress"), ("train", "threads"), ("train", "epochs"), ("train", "device"), ("train", "patience")}
@@ -575,7 +575,7 @@ def run_command(args) -> int:
 
 
 def main(argv=None) -> int:
-    """`python -m dcmfg.train` / `torchrun -m dcmfg.train`: the same as `dcmfg train` (and `-m dcmfg.cli train`)."""
+    """`python -m dcmfg.engine.train` / `torchrun -m dcmfg.engine.train`: the same as `dcmfg train` (and `-m dcmfg.cli train`)."""
     from dcmfg.cli import main as cli_main
 
     return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])

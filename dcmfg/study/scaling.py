@@ -136,18 +136,18 @@ def pipeline_cost(n: int, labels: np.ndarray, words: np.ndarray, *, config=None,
     """Time and memory of one full-size pass of the method at n items (see the module docstring).
 
     `labels` (M, C) and `words` (M,) are a real dataset's label matrix and per-item word counts, resampled.
-    `config`: a dcmfg Config (default configs/dcmfg.yaml's values). The training epoch is dcmfg.train's loop
-    without validation and checkpoints; the embedding is that of dcmfg.evaluate (a few chunks at a time, each
+    `config`: a dcmfg Config (default configs/dcmfg.yaml's values). The training epoch is dcmfg.engine.train's loop
+    without validation and checkpoints; the embedding is that of dcmfg.engine.evaluate (a few chunks at a time, each
     item's own bank copy excluded). Returns wall seconds (`*_s`), CPU seconds (`*_cpu_s`) and `peak_extra_mb`,
     the most memory the stages took above the level before the features were made (`peak_cuda_mb` on CUDA).
     """
-    from dcmfg.bundle import take
+    from dcmfg.engine.data import take
     from dcmfg.config import Config
     from dcmfg.device import resolve_device
-    from dcmfg.losses import total_loss
+    from dcmfg.engine.losses import total_loss
     from dcmfg.metrics import mean_average_precision
     from dcmfg.modality import IMAGE, TEXT
-    from dcmfg.registry import create_model
+    from dcmfg.models.registry import create_model
 
     dev = resolve_device(str(device))
     cfg = config if config is not None else Config()
@@ -168,10 +168,10 @@ def pipeline_cost(n: int, labels: np.ndarray, words: np.ndarray, *, config=None,
         y_dev = y.to(dev)
 
         previous = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(True, warn_only=True)  # as dcmfg.train runs
+        torch.use_deterministic_algorithms(True, warn_only=True)  # as dcmfg.engine.train runs
         model.train()
         batches = list(torch.split(torch.as_tensor(train)[torch.randperm(n_train)], batch_size))
-        if len(batches) > 1 and len(batches[-1]) < batch_size // 2:  # as dcmfg.train: no tiny last graph
+        if len(batches) > 1 and len(batches[-1]) < batch_size // 2:  # as dcmfg.engine.train: no tiny last graph
             last = batches.pop()
             batches[-1] = torch.cat([batches[-1], last])
         try:
@@ -339,7 +339,7 @@ def metric_cost(labels: np.ndarray, *, n_query: int, db_sizes, dim: int = 512, b
 def search_cost(*, n_query: int, bank_sizes, k: int = 10, dim: int = 512, repeats: int = 3, seed: int = 0) -> list[dict]:
     """Seconds of an exact top-k cosine search of n_query queries in banks of random unit vectors, with the torch
     backend and FAISS (flat), and the share of neighbours the two agree on."""
-    from dcmfg.search import topk
+    from dcmfg.graph.knn import topk
 
     g = torch.Generator().manual_seed(seed)
     qs = torch.nn.functional.normalize(torch.randn(n_query, dim, generator=g), dim=1)

@@ -56,7 +56,7 @@ def example_items(dataset, n: int = 8, seed: int = 0, cols: int = 4):
 
 def similarity_densities(frame: pd.DataFrame):
     """KDE of query-database cosines, relevant against irrelevant pairs, one panel per pair kind
-    (frame: cosine, relevant, pair; see dcmfg.report.raw_similarities)."""
+    (frame: cosine, relevant, pair; see dcmfg.study.tables.raw_similarities)."""
     sns = _sns()
     g = sns.displot(data=frame, x="cosine", hue="relevant", col="pair", kind="kde", common_norm=False, height=3.2,
                     aspect=1.4, facet_kws={"sharex": False})

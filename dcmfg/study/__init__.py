@@ -49,7 +49,7 @@ from dcmfg.paths import cache_dir, data_dir
 
 def repo_dir() -> Path:
     """The source checkout (configs/, notebooks/, book/ live here)."""
-    return Path(__file__).resolve().parents[1]
+    return Path(__file__).resolve().parents[2]
 
 
 def notebook_names() -> list[str]:
@@ -231,7 +231,7 @@ class Study:
 
     def load_dataset(self):
         if "dataset" not in self._cache:
-            from dcmfg.bundle import load_dataset_of
+            from dcmfg.engine.data import load_dataset_of
 
             self._cache["dataset"] = load_dataset_of(self.base_config())
         return self._cache["dataset"]
@@ -276,7 +276,7 @@ class Study:
 
     def features(self, model: str = "dcmfg"):
         """The backbone features every chapter uses (the `features` settings of the runs)."""
-        from dcmfg.bundle import load_features
+        from dcmfg.engine.data import load_features
         from dcmfg.device import resolve_device
 
         cfg = self.base_config(model)
@@ -284,7 +284,7 @@ class Study:
 
     def bundle(self, cfg):
         """Loaded data shared by every run with the same dataset and feature settings (features read once)."""
-        from dcmfg.bundle import load_data
+        from dcmfg.engine.data import load_data
 
         key = json.dumps([cfg.to_dict()["data"], cfg.to_dict()["features"]], sort_keys=True, default=str)
         if key not in self._cache:
@@ -310,7 +310,7 @@ class Study:
         done = out / "study-run.json"
         reused = _finished(out)
         if not reused:
-            from dcmfg.train import train
+            from dcmfg.engine.train import train
 
             t0, c0 = time.perf_counter(), time.process_time()
             train(cfg, out, data=self.bundle(cfg))

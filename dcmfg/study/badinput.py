@@ -7,7 +7,7 @@ reads (the last stderr line; the last stdout line when the command succeeded), t
 with what the case checks besides (temporary files left, a run replaced, a file written). Nothing is typed:
 the table is what the commands did on this machine, today.
 
-    from dcmfg.badinput import run_cases
+    from dcmfg.study.badinput import run_cases
     table = run_cases()                                  # every case
     table = run_cases(["split-duplicates", "help"])       # a few (names: list(CASES))
 
@@ -441,7 +441,7 @@ def find_source() -> Path:
     for name, root in find_datasets(folder) if folder is not None else []:
         if name == "mirflickr25k" and detect_layout(root) == "raw":  # the .mat variants hold no image files
             return root
-    mini = Path(__file__).resolve().parents[2] / "shared" / "data" / "mirflickr-mini"
+    mini = Path(__file__).resolve().parents[3] / "shared" / "data" / "mirflickr-mini"
     if (mini / "mirflickr").is_dir():
         return mini
     from dcmfg.errors import DcmfgError
