@@ -12,6 +12,8 @@ import argparse
 import importlib
 import sys
 
+from dcmfg.choices import Against, Distance, EvalSplit, OnCorrupt, values
+
 DEVICE_HELP = "auto (CUDA when present, else CPU; default), cpu, cuda or cuda:N"
 
 
@@ -29,7 +31,7 @@ def _add_features(sub) -> None:
     e.add_argument("--config", default=None, help="a run config (YAML) whose features section to use")
     _set_option(e, "--set features.regions=2")
     e.add_argument("--cache-root", default=None, help="features cache folder (default: $DCMFG_CACHE/features)")
-    e.add_argument("--on-corrupt", choices=("skip", "fail"), default=None,
+    e.add_argument("--on-corrupt", choices=values(OnCorrupt), default=None,
                    help="an unreadable image: skip it (its item is left out of every split part) or fail (default: "
                         "the config's features.on_corrupt, skip)")
     e.add_argument("--chunk-size", type=int, default=None, help="items per cache file (default 1024)")
@@ -51,7 +53,7 @@ def _add_train(sub) -> None:
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="evaluate a trained checkpoint; writes a JSON report")
     p.add_argument("--checkpoint", required=True, help="run folder (uses its best/) or a checkpoint folder")
-    p.add_argument("--split", default="query", choices=("query", "val"))
+    p.add_argument("--split", default="query", choices=values(EvalSplit))
     p.add_argument("--out", default=None, help="report path (default RUN/evaluate_<split>.json)")
     _set_option(p, "eval.distance=hamming or graph.inference=transductive")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -78,9 +80,9 @@ def _add_search(sub) -> None:
     q.add_argument("--image", help="an image file to query with")
     q.add_argument("--item", help="a dataset item id: its text against images, its image against texts")
     p.add_argument("--top", type=int, default=10, help="how many results (default 10)")
-    p.add_argument("--against", choices=("images", "texts"), default=None,
+    p.add_argument("--against", choices=values(Against), default=None,
                    help="rank images or texts (default: the other modality than the query's)")
-    p.add_argument("--distance", choices=("cosine", "hamming"), default=None,
+    p.add_argument("--distance", choices=values(Distance), default=None,
                    help="cosine on the embeddings or Hamming on the hash codes (default: the run's eval.distance)")
     p.add_argument("--json", action="store_true", help="one JSON object per result line")
     p.set_defaults(handler="dcmfg.search:run_command")

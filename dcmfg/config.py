@@ -12,11 +12,14 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Iterable
 
 import yaml
 
+from dcmfg.choices import (Attention, BankDensity, Distance, Fallback, Hubness, Inference, OnCorrupt, Positives,
+                           Relation, SelectMetric, SimilarityKind, SplitProtocol, values)
 from dcmfg.errors import ConfigError
 
 
@@ -147,20 +150,20 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-# Values a switch may take: checked once at load time so a typo fails before any work is done.
-CHOICES = {
-    "data.protocol": ("random", "dcmh", "dcmht", "class_balanced"),
-    "features.on_corrupt": ("skip", "fail"),
-    "graph.relation": ("mutual", "knn", "static"),
-    "graph.fallback": ("nearest", "none"),
-    "graph.inference": ("bank", "none", "smooth", "transductive"),
-    "graph.hubness": ("none", "csls"),
-    "graph.bank_density": ("same", "matched"),
-    "model.attention": ("alignment", "gatv2", "none"),
-    "loss.positives": ("label", "pair"),
-    "loss.similarity_kind": ("likelihood", "margin"),
-    "train.select_metric": ("map_mean", "map_i2t", "map_t2i"),
-    "eval.distance": ("cosine", "hamming"),
+# Values a switch may take (dcmfg.choices): checked once at load time so a typo fails before any work is done.
+CHOICES: dict[str, type[StrEnum]] = {
+    "data.protocol": SplitProtocol,
+    "features.on_corrupt": OnCorrupt,
+    "graph.relation": Relation,
+    "graph.fallback": Fallback,
+    "graph.inference": Inference,
+    "graph.hubness": Hubness,
+    "graph.bank_density": BankDensity,
+    "model.attention": Attention,
+    "loss.positives": Positives,
+    "loss.similarity_kind": SimilarityKind,
+    "train.select_metric": SelectMetric,
+    "eval.distance": Distance,
 }
 
 # Ranges: (lowest allowed, highest allowed or None, whether the lowest itself is allowed). Rates and weights must
@@ -274,8 +277,8 @@ def _check(cfg: Config) -> Config:
     for dotted, allowed in CHOICES.items():
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
-        if value not in allowed:
-            raise ConfigError(f"config {dotted}={value!r} is not one of {', '.join(allowed)}")
+        if value not in values(allowed):
+            raise ConfigError(f"config {dotted}={value!r} is not one of {', '.join(values(allowed))}")
     for dotted, (low, high, inclusive) in RANGES.items():
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)

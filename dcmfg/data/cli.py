@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dcmfg.choices import SplitProtocol, values
+
 from .base import DatasetError
 
 
@@ -112,7 +114,7 @@ def register(subparsers) -> None:
     p = sub.add_parser("split", help="make a split file (query / database / train / val index lists)")
     p.add_argument("name", help="dataset name (mirflickr25k, nuswide, synthetic, ...)")
     p.add_argument("--root", help="the dataset folder (default: found under DCMFG_DATA)")
-    p.add_argument("--protocol", default="random", choices=["random", "dcmh", "dcmht", "class_balanced"])
+    p.add_argument("--protocol", default="random", choices=values(SplitProtocol))
     p.add_argument("--query", type=_size, default=0.2, help="count or fraction (per class for class_balanced)")
     p.add_argument("--train", type=_size, default=None, help="count or fraction; default: the whole database")
     p.add_argument("--val", type=_size, default=0.1, help="count or fraction of the training pool")

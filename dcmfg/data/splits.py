@@ -21,9 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from dcmfg.choices import SplitProtocol, values
+
 from .base import CrossModalDataset, DatasetError
 
-PROTOCOLS = ("random", "dcmh", "dcmht", "class_balanced")
+PROTOCOLS = values(SplitProtocol)
 FORMAT = "dcmfg-split/1"
 PART_NAMES = ("query", "database", "train", "val")
 
