@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -61,3 +65,24 @@ def read_json(path):
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: unreadable ({exc.__class__.__name__}: {exc}); the file is damaged") from None
+
+
+def jsonable(x):
+    """`x` with NaN/inf as None and numpy scalars as Python numbers, for JSON."""
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return None
+    if isinstance(x, (np.floating,)):
+        return jsonable(float(x))
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    return x
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """`obj` as indented, key-sorted JSON (NaN and inf as null, numpy scalars as numbers), written atomically."""
+    write_text_atomic(Path(path), json.dumps(jsonable(obj), indent=1, sort_keys=True) + "\n")
+

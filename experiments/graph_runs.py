@@ -106,7 +106,7 @@ def main() -> None:
 
 def res_model(out_dir: Path, cfg, data):
     """The selected (best validation epoch) weights."""
-    from dcmfg.models.dcmfg import load_weights
+    from dcmfg.engine.checkpoint import load_weights
     from dcmfg.models.registry import create_model
 
     dims = (data.feats["image_global"].shape[1], data.feats["text_global"].shape[1], data.labels.shape[1])

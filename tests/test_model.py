@@ -21,9 +21,8 @@ from dcmfg.models.dcmfg import (
     AlignedGATv2Conv,
     GraphLayer,
     ModelOutput,
-    load_weights,
-    save_weights,
 )
+from dcmfg.engine.checkpoint import load_weights, save_weights
 from dcmfg.models.registry import MODELS, create_model
 
 DI, DT, R, W, C = 24, 20, 4, 6, 5

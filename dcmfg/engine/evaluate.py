@@ -7,8 +7,6 @@ the command. Both write a JSON report, `RUN/evaluate_<split>.json` unless told o
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +16,9 @@ import torch.nn.functional as F
 from dcmfg.engine.data import DataBundle, load_data, take
 from dcmfg.data.mscoco import group_representatives
 from dcmfg.config import Config, apply_overrides, config_from_dict
-from dcmfg.errors import ConfigError, DcmfgError
-from dcmfg.fileio import read_json, write_text_atomic
+from dcmfg.errors import ConfigError
+from dcmfg.engine.checkpoint import load_checkpoint_model, run_folder
+from dcmfg.fileio import jsonable, write_json_atomic
 from dcmfg.modality import IMAGE, TEXT
 
 # What every report holds beside mAP@all: mAP@K under both denominators of metrics.md (the literature's `retrieved`
@@ -130,20 +129,6 @@ def validation_scores(model, data: DataBundle, cfg: Config, device="cpu", distri
     return {"val_map_i2t": i2t, "val_map_t2i": t2i, "val_map_mean": (i2t + t2i) / 2}
 
 
-def _jsonable(x):
-    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
-        return None
-    if isinstance(x, (np.floating,)):
-        return _jsonable(float(x))
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
-
-
 def retrieval_for_split(model, data: DataBundle, cfg: Config, split: str = "query", device="cpu",
                         distributed: bool = False) -> dict:
     """The report of one split: queries of `split` against the database (query split) or the training set
@@ -187,7 +172,7 @@ def retrieval_for_split(model, data: DataBundle, cfg: Config, split: str = "quer
                                    chunk_size=cfg.eval.chunk_size, distributed=distributed)
             df = pd.concat([i2t[i2t["direction"] == "I->T"], t2i[t2i["direction"] == "T->I"]], ignore_index=True)
         frames.append(df)
-        summaries[dist] = {k: _jsonable(v) for k, v in report_summary(df).items()}
+        summaries[dist] = {k: jsonable(v) for k, v in report_summary(df).items()}
     report = {
         "map_i2t": summaries[cfg.eval.distance]["map_i2t"],
         "map_t2i": summaries[cfg.eval.distance]["map_t2i"],
@@ -207,7 +192,7 @@ def retrieval_for_split(model, data: DataBundle, cfg: Config, split: str = "quer
         "graph": inference_report(bank, [q["image"], q["text"]]),
         "records": [],
     }
-    report["records"] = _jsonable(pd.concat(frames, ignore_index=True).astype(object).to_dict("records"))
+    report["records"] = jsonable(pd.concat(frames, ignore_index=True).astype(object).to_dict("records"))
     if cfg.graph.inference == "transductive":
         # Separate, clearly named numbers: queries and database propagated together.
         from dcmfg.metrics import mean_average_precision
@@ -220,46 +205,6 @@ def retrieval_for_split(model, data: DataBundle, cfg: Config, split: str = "quer
             "note": "transductive re-ranking: one propagation over the mutual-kNN graph of queries + database",
         }
     return report
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_text_atomic(Path(path), json.dumps(_jsonable(obj), indent=1, sort_keys=True) + "\n")
-
-
-def load_checkpoint_model(path, device="cpu") -> tuple[torch.nn.Module, Config, dict]:
-    """A trained model from a checkpoint folder (or a run folder: its `best/` checkpoint)."""
-    from dcmfg.config import config_from_json
-    from dcmfg.models.dcmfg import load_weights
-    from dcmfg.models.registry import create_model
-
-    path = Path(path)
-    if not path.is_dir():
-        raise DcmfgError(f"{path}: run or checkpoint folder not found")
-    if (path / "best" / "model.safetensors").is_file():
-        path = path / "best"
-    for name in ("model.safetensors", "config.json", "meta.json"):
-        if not (path / name).is_file():
-            raise DcmfgError(f"{path}: not a dcmfg checkpoint ({name} missing)")
-    try:
-        cfg = config_from_json((path / "config.json").read_text())
-    except ValueError as exc:
-        if isinstance(exc, ConfigError):
-            raise ConfigError(f"{path / 'config.json'}: {exc}") from None
-        raise ConfigError(f"{path / 'config.json'}: unreadable ({exc}); the checkpoint is damaged") from None
-    meta = read_json(path / "meta.json")
-    missing = [k for k in ("image_dim", "text_dim", "num_labels") if k not in meta]
-    if missing:
-        raise ConfigError(f"{path / 'meta.json'}: lacks {', '.join(missing)}; the checkpoint is damaged")
-    model = create_model(cfg.model.name, cfg, meta["image_dim"], meta["text_dim"], meta["num_labels"])
-    load_weights(model, path / "model.safetensors")
-    model.to(device).eval()
-    return model, cfg, meta
-
-
-def run_folder(checkpoint_dir) -> Path:
-    """The run folder of a run or checkpoint folder (`RUN/best` -> `RUN`)."""
-    path = Path(checkpoint_dir)
-    return path.parent if path.name in ("best", "last") else path
 
 
 def load_run(checkpoint_dir, overrides=(), device="cpu") -> tuple[torch.nn.Module, Config, dict, DataBundle]:

@@ -32,18 +32,12 @@ import torch.distributed as dist
 from dcmfg.engine.data import DataBundle, load_data, resolve_split, take, word_limit
 from dcmfg.config import Config, config_digest, config_from_dict, load_config
 from dcmfg.errors import ConfigError, DcmfgError, Interrupted
-from dcmfg.engine.evaluate import retrieval_for_split, validation_scores, write_json_atomic
-from dcmfg.fileio import read_json, save_safetensors_atomic, write_text_atomic
+from dcmfg.engine.checkpoint import RUN_PRODUCTS, find_checkpoint, load_training_state, load_weights, save_checkpoint
+from dcmfg.engine.evaluate import retrieval_for_split, validation_scores
+from dcmfg.fileio import read_json, write_json_atomic, write_text_atomic
 from dcmfg.graph.batch import NonFiniteFeatures
 from dcmfg.engine.losses import total_loss
-from dcmfg.models.dcmfg import load_weights, save_weights
 from dcmfg.models.registry import create_model
-
-# Config fields that may change between a run and its resume without changing what is computed.
-RESUME_FREE = {("train", "progress"), ("train", "threads"), ("train", "epochs"), ("train", "device"), ("train", "patience")}
-# What a run folder holds once training wrote to it; `--overwrite` removes exactly these.
-RUN_PRODUCTS = ("best", "best.old", "last", "last.old", "metrics.jsonl", "report.json", "split.json")
-
 
 class TrainingDiverged(DcmfgError):
     """The loss became NaN/inf: stop, keep the last good checkpoint, tell the user what to change."""
@@ -233,48 +227,6 @@ def resume_state(s: Session, t: Trainer) -> tuple[Loop, list[dict]]:
     return loop, history
 
 
-def find_checkpoint(folder: Path) -> Path | None:
-    for cand in (folder, folder.with_name(folder.name + ".old")):  # .old survives a kill inside _swap_dir
-        if (cand / "state.json").is_file() and (cand / "model.safetensors").is_file():
-            return cand
-    return None
-
-
-def _config_diff(a: dict, b: dict, prefix="") -> list[str]:
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            diffs += _config_diff(va, vb, f"{prefix}{key}.")
-        elif va != vb and tuple(f"{prefix}{key}".split(".")) not in RESUME_FREE:
-            diffs.append(f"{prefix}{key}: {va!r} -> {vb!r}")
-    return diffs
-
-
-def load_training_state(folder: Path, model, cfg: Config, optimizer, scheduler) -> dict:
-    """Resume: refuse a checkpoint from another model or config (naming the keys), then restore everything."""
-    from safetensors.torch import load_file
-
-    diffs = _config_diff(read_json(folder / "config.json"), cfg.to_dict())
-    if diffs:
-        raise ConfigError(
-            f"{folder}: checkpoint was made with a different config ({'; '.join(diffs[:6])}); "
-            f"use another --out folder, the same config, or --overwrite"
-        )
-    load_weights(model, folder / "model.safetensors")
-    st = read_json(folder / "state.json")
-    state: dict = {}
-    for key, tensor in load_file(str(folder / "optimizer.safetensors")).items():
-        _, pid, name = key.split("/", 2)
-        state.setdefault(int(pid), {})[name] = tensor
-    optimizer.load_state_dict({"state": state, "param_groups": st["param_groups"]})
-    sched = scheduler.state_dict()
-    sched.update(st["scheduler"])
-    scheduler.load_state_dict(sched)
-    torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["torch_cpu"])
-    return st["loop"]
-
-
 def _trim_jsonl(path: Path, epochs_done: int) -> list[dict]:
     """On resume, drop lines of epochs the checkpoint does not include (a kill after logging, before saving)."""
     if not path.is_file():
@@ -424,42 +376,6 @@ def _log_epoch(path: Path, record: dict, fresh: bool) -> None:
         f.write(line)
         f.flush()
         os.fsync(f.fileno())
-
-
-def save_checkpoint(folder: Path, model, cfg: Config, meta: dict, optimizer=None, scheduler=None, state=None) -> None:
-    """Weights (safetensors) + config.json + meta.json, and with an optimiser the full training state:
-    optimizer.safetensors (moments), state.json (param groups, scheduler, loop counters), rng.safetensors."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        save_weights(model, tmp / "model.safetensors")
-        write_text_atomic(tmp / "config.json", cfg.to_json() + "\n")
-        write_text_atomic(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        if optimizer is not None:
-            osd = optimizer.state_dict()
-            tensors = {f"state/{pid}/{name}": v for pid, st in osd["state"].items() for name, v in st.items()}
-            save_safetensors_atomic(tensors, tmp / "optimizer.safetensors")
-            save_safetensors_atomic({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
-            sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-            write_text_atomic(tmp / "state.json", json.dumps(
-                {"param_groups": osd["param_groups"], "scheduler": sched, "loop": state}, indent=1) + "\n")
-        _swap_dir(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful swap; removed after a failure
-
-
-def _swap_dir(tmp: Path, final: Path) -> None:
-    """Replace folder `final` by `tmp` so that some complete checkpoint exists at every instant."""
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 @contextlib.contextmanager
