@@ -1,4 +1,5 @@
-# Plain runner. `make study` runs the whole study and builds the book; `make test` runs the tests; `make lab` opens
+# Plain runner. `make study` runs the whole study and builds the book; `make test` runs the tests (`make test-fast`
+# the tier without slow tests); `make lab` opens
 # the notebooks in JupyterLab with the project's environment as the kernel. All create .venv from the pinned
 # requirements on first use. `make gpu-check` measures extraction, scale and training on a CUDA machine.
 PYTHON ?= python3.11
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.installed
 DCMFG_DATA ?= $(firstword $(wildcard $(CURDIR)/../shared/data))
 export DCMFG_DATA
 
-.PHONY: study test setup browser lab gpu-check clean
+.PHONY: study test test-fast setup browser lab gpu-check clean
 
 setup: $(STAMP)
 
@@ -32,6 +33,10 @@ study: $(STAMP)
 
 test: $(STAMP) browser
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest
+
+# The edit-test loop: every test not marked slow (no study, book, browser, wheel, torchrun or real training run).
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -m "not slow"
 
 # JupyterLab on this machine (http://127.0.0.1:8888, token printed); its Python 3 kernel is .venv's interpreter.
 lab: $(STAMP)
