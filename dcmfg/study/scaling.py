@@ -18,13 +18,26 @@ import threading
 import time
 from functools import partial
 
+import matplotlib.pyplot as plt
 import numpy as np
+import seaborn as sns
 import torch
+
+from dcmfg.backbones import create_image_encoder, create_text_encoder
+from dcmfg.config import Config, FeatureConfig
+from dcmfg.device import resolve_device
+from dcmfg.engine.data import take
+from dcmfg.engine.losses import total_loss
+from dcmfg.features import amp_dtype, autocast as _autocast, extract_features
+from dcmfg.graph.knn import topk
+from dcmfg.metrics import mean_average_precision
+from dcmfg.modality import IMAGE, TEXT
+from dcmfg.models.registry import create_model
 
 WIDTH = 384  # dinov2-small-imgfocus and minilm-l6
 REGIONS = 16  # a 4 x 4 region grid
 NOISE = 1.5  # per-item noise against unit-scale label prototypes: neighbours share labels often, not always
-# queries and training items of the standard protocols (data.md); the database is all but the queries
+# queries and training items of the standard protocols (docs/data.md); the database is all but the queries
 PROTOCOLS = {20_015: (2_000, 10_000), 190_421: (2_100, 10_500)}
 
 
@@ -141,14 +154,6 @@ def pipeline_cost(n: int, labels: np.ndarray, words: np.ndarray, *, config=None,
     item's own bank copy excluded). Returns wall seconds (`*_s`), CPU seconds (`*_cpu_s`) and `peak_extra_mb`,
     the most memory the stages took above the level before the features were made (`peak_cuda_mb` on CUDA).
     """
-    from dcmfg.engine.data import take
-    from dcmfg.config import Config
-    from dcmfg.device import resolve_device
-    from dcmfg.engine.losses import total_loss
-    from dcmfg.metrics import mean_average_precision
-    from dcmfg.modality import IMAGE, TEXT
-    from dcmfg.models.registry import create_model
-
     dev = resolve_device(str(device))
     cfg = config if config is not None else Config()
     log = log or (lambda msg: None)
@@ -237,11 +242,6 @@ def extraction_throughput(dataset, config=None, *, device="cpu", images: int = 9
     `images` items of `dataset`, the same encoders (already loaded), batch size and device. Repeats alternate the
     two; medians. `ratio` = extraction speed / bare speed (wall), `cpu_ratio` the same in CPU time (this process
     and its DataLoader workers)."""
-    from dcmfg.backbones import create_image_encoder, create_text_encoder
-    from dcmfg.config import FeatureConfig
-    from dcmfg.device import resolve_device
-    from dcmfg.features import _autocast, amp_dtype, extract_features
-
     dev = resolve_device(str(device))
     cfg = config if config is not None else FeatureConfig()
     log = log or (lambda msg: None)
@@ -312,8 +312,6 @@ def metric_cost(labels: np.ndarray, *, n_query: int, db_sizes, dim: int = 512, b
                 seed: int = 0) -> list[dict]:
     """Seconds of one mAP@all (n_query queries) against each database size: cosine on `dim`-wide floats, Hamming on
     `bits`-bit codes with the stable tie rule and the tie-aware one; labels resampled from a real label matrix."""
-    from dcmfg.metrics import mean_average_precision
-
     g = torch.Generator().manual_seed(seed)
     lab = torch.as_tensor(np.asarray(labels)).float()
 
@@ -339,8 +337,6 @@ def metric_cost(labels: np.ndarray, *, n_query: int, db_sizes, dim: int = 512, b
 def search_cost(*, n_query: int, bank_sizes, k: int = 10, dim: int = 512, repeats: int = 3, seed: int = 0) -> list[dict]:
     """Seconds of an exact top-k cosine search of n_query queries in banks of random unit vectors, with the torch
     backend and FAISS (flat), and the share of neighbours the two agree on."""
-    from dcmfg.graph.knn import topk
-
     g = torch.Generator().manual_seed(seed)
     qs = torch.nn.functional.normalize(torch.randn(n_query, dim, generator=g), dim=1)
     rows = []
@@ -361,9 +357,6 @@ def search_cost(*, n_query: int, bank_sizes, k: int = 10, dim: int = 512, repeat
 def cost_figure(frame, x: str, y: str, hue: str, title: str, xlabel: str | None = None):
     """Cost against size on log-log axes, one line per `hue`, one marker per measured point (nothing drawn
     between or beyond the measured sizes but the straight segments joining them)."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
     fig, ax = plt.subplots(figsize=(6.5, 4))
     sns.lineplot(data=frame, x=x, y=y, hue=hue, marker="o", ax=ax)
     ax.set(xscale="log", yscale="log", title=title, xlabel=xlabel or x, ylabel=y)
