@@ -19,18 +19,22 @@ from pathlib import Path
 
 import torch
 
+from dcmfg.choices import Inference
 from dcmfg.config import load_config
+from dcmfg.engine.checkpoint import load_weights
 from dcmfg.engine.evaluate import load_data, retrieval_for_split, take
-from dcmfg.graph.stats import GraphTally
-from dcmfg.modality import IMAGE, TEXT
 from dcmfg.engine.train import batches as _batches
 from dcmfg.engine.train import train
+from dcmfg.graph.stats import GraphTally
+from dcmfg.modality import IMAGE, TEXT
+from dcmfg.models.base import GraphModel, RetrievalModel
+from dcmfg.models.registry import create_model
 
 
-def graph_numbers(model, data, cfg) -> dict:
+def graph_numbers(model: RetrievalModel, data, cfg) -> dict:
     """Graph statistics of the trained model: training batches (eval mode, the final weights), the bank's own
     graph, and the query step (query split, both modalities)."""
-    if not hasattr(model, "propagate") or not len(model.layers) and model.gcfg.inference != "smooth":
+    if not isinstance(model, GraphModel) or not len(model.layers) and model.gcfg.inference != Inference.SMOOTH:
         return {}
     out = {}
     train_idx, q_idx = data.part("train"), data.part("query")
@@ -40,7 +44,7 @@ def graph_numbers(model, data, cfg) -> dict:
         for b in _batches(len(train_idx), cfg.train.batch_size, torch.Generator().manual_seed(0)):
             idx = train_idx[b.numpy()]
             enc = model.encode(take(data.feats, idx))
-            model.propagate(torch.cat([enc["p_img"], enc["p_txt"]]), model._batch_graph(enc), tally)
+            model.propagate(torch.cat([enc["p_img"], enc["p_txt"]]), model.batch_graph(enc), tally)
     out["train"] = tally.summary("")
     bank = model.build_bank(take(data.feats, train_idx))
     out["bank"] = {k.removeprefix("graph_"): v for k, v in bank.stats.items()}
@@ -89,14 +93,15 @@ def main() -> None:
     }
     model = res_model(out_dir, cfg, data)
     t_cpu, t_wall = time.process_time(), time.time()
+    has_graph = isinstance(model, GraphModel)
     for mode in a.inference.split(","):
-        if mode != "bank" and not hasattr(model, "propagate"):
+        if mode != Inference.BANK and not has_graph:
             continue
-        if hasattr(model, "gcfg"):
+        if has_graph:
             model.gcfg = dataclasses.replace(model.gcfg, inference=mode)
         rep = retrieval_for_split(model, data, cfg, "query")
         row[f"map_i2t_{mode}"], row[f"map_t2i_{mode}"] = rep["map_i2t"], rep["map_t2i"]
-        if hasattr(model, "propagate") and (mode != "none"):
+        if has_graph and mode != Inference.NONE:
             row[f"graph_{mode}"] = graph_numbers(model, data, cfg)
     row["eval_cpu_s"], row["eval_wall_s"] = round(time.process_time() - t_cpu, 2), round(time.time() - t_wall, 2)
     with open(a.results, "a") as f:
@@ -104,11 +109,8 @@ def main() -> None:
     print(json.dumps({k: v for k, v in row.items() if not isinstance(v, (dict, list))}))
 
 
-def res_model(out_dir: Path, cfg, data):
+def res_model(out_dir: Path, cfg, data) -> RetrievalModel:
     """The selected (best validation epoch) weights."""
-    from dcmfg.engine.checkpoint import load_weights
-    from dcmfg.models.registry import create_model
-
     dims = (data.feats["image_global"].shape[1], data.feats["text_global"].shape[1], data.labels.shape[1])
     model = create_model(cfg.model.name, cfg, *dims)
     load_weights(model, out_dir / "best" / "model.safetensors")

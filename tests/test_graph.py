@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dcmfg.graph import batch as G
-from dcmfg.graph import knn as search
+from dcmfg import graph as G
 from dcmfg.config import GraphConfig
 from dcmfg.errors import ConfigError
+from dcmfg.graph import knn
 from dcmfg.graph.stats import GraphTally
 
 
@@ -282,16 +282,16 @@ def test_graph_statistics_on_a_hand_made_graph():
 
 
 def test_bank_search_goes_through_topk_with_auto_backend(monkeypatch):
-    """Large banks must stay O(k) per query: every candidate search is one `search.topk(backend='auto')` call per
+    """Large banks must stay O(k) per query: every candidate search is one `knn.topk(backend='auto')` call per
     modality block (FAISS for large banks), never a dense query x bank matrix held by the graph code."""
     calls = []
-    real = search.topk
+    real = knn.topk
 
     def spy(q, d, k, **kw):
         calls.append((len(q), len(d), k, kw.get("backend")))
         return real(q, d, k, **kw)
 
-    monkeypatch.setattr(search, "topk", spy)
+    monkeypatch.setattr(knn, "topk", spy)
     h, mod = _nodes(b=20)
     cfg = _cfg(k=4, cross_modal_only=True)
     own = G.BatchGraph(cfg, 20).edges(0, h)

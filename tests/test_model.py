@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch_geometric.nn import GATv2Conv
 
-from dcmfg.graph import batch as G
+from dcmfg import graph as G
 from dcmfg.study import interpret
 from dcmfg.config import load_config
 from dcmfg.errors import ConfigError
@@ -17,11 +17,9 @@ from dcmfg.engine.losses import (
     quantization_loss,
     total_loss,
 )
-from dcmfg.models.dcmfg import (
-    AlignedGATv2Conv,
-    GraphLayer,
-    ModelOutput,
-)
+from dcmfg.models.base import GraphModel, ModelOutput, RetrievalModel
+from dcmfg.models.baselines import _TokenEncoder
+from dcmfg.models.layers import AlignedGATv2Conv, GraphLayer
 from dcmfg.engine.checkpoint import load_weights, save_weights
 from dcmfg.models.registry import MODELS, create_model
 
@@ -93,6 +91,7 @@ def test_every_model_trains_every_parameter(name, attention):
     cfg = _cfg(name, f"model.attention={attention}")
     torch.manual_seed(0)
     model = create_model(name, cfg, DI, DT, C)
+    assert isinstance(model, RetrievalModel) and isinstance(model, GraphModel) == (name == "dcmfg")
     feats = _feats()
     labels = (torch.rand(32, C, generator=torch.Generator().manual_seed(1)) > 0.6).float()
     out = model(feats)
@@ -153,7 +152,7 @@ def test_a_bank_member_embedded_as_a_query_gets_its_bank_graph_state(switches):
     bank = model.build_bank(feats)
     enc = model.encode(feats)
     with torch.no_grad():
-        h, trace = model.propagate(torch.cat([enc["p_img"], enc["p_txt"]]), model._batch_graph(enc))
+        h, trace = model.propagate(torch.cat([enc["p_img"], enc["p_txt"]]), model.batch_graph(enc))
     assert len(trace) == 2 and all(torch.equal(s.input, b) for s, b in zip(trace, bank.states))
     for modality in (0, 1):
         e = model.embed(feats, modality, bank, exclude=torch.arange(20) + 20 * modality)
@@ -291,8 +290,6 @@ def test_registry_and_checkpoint_from_another_model_is_refused(tmp_path):
 def test_dcmht_codes_texts_alone_whatever_group_of_lengths_they_fall_in():
     # the token encoder groups texts by length (padding was most of its cost); a text's code must be what the
     # whole padded batch gives, and must not depend on which other texts share its group
-    from dcmfg.models.baselines import _TokenEncoder
-
     torch.manual_seed(0)
     enc = _TokenEncoder(24, 32, 4, 1, 16, 0.1).eval()
     n, width = 3 * enc.GROUP + 5, 12

@@ -6,15 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from dcmfg.graph import knn as search
-from dcmfg.graph.knn import (
-    SearchInputError,
-    kth_neighbour_similarity,
-    knn_within,
-    mutual_knn_edges,
-    mutual_knn_to_bank,
-    topk,
-)
+from dcmfg.graph import knn
+from dcmfg.graph.checks import SearchInputError
+from dcmfg.graph.knn import kth_neighbour_similarity, topk
+from dcmfg.graph.mutual import mutual_graph, mutual_knn_edges, mutual_knn_to_bank
+from graph_oracles import oracle_knn_within
 
 
 def int_vectors(n: int, dim: int, seed: int, low: int = -2, high: int = 3) -> torch.Tensor:
@@ -71,7 +67,7 @@ def test_topk_matches_brute_force_with_ties_and_exclude(seed, monkeypatch):
             assert scores.dtype == torch.float32 and idx.dtype == torch.int64
             assert torch.all(scores[:, 1:] <= scores[:, :-1])
             # Small database blocks: the running merge keeps the same answer (tie rule included).
-            monkeypatch.setattr(search, "BLOCK_BYTES", 16 * 5 * 7)
+            monkeypatch.setattr(knn, "BLOCK_BYTES", 16 * 5 * 7)
             assert topk(q, d, k, metric="ip", exclude=ex, chunk_size=5)[1].tolist() == want
             monkeypatch.undo()
 
@@ -105,18 +101,24 @@ def test_torch_and_faiss_agree(with_exclude):
 # kNN inside one set, mutual edges
 
 
-def test_knn_within_and_kth_similarity():
+def test_oracle_knn_within_is_the_brute_force_answer():
     x = norm2_vectors(30, 5)
-    s, i = knn_within(x, 6)
+    _, i = oracle_knn_within(x, 6)
     assert i.tolist() == brute_knn_sets(x, 6)
-    assert not bool((i == torch.arange(30)[:, None]).any())
-    tau = kth_neighbour_similarity(x, 6)
-    assert torch.equal(tau, s[:, 5])
     groups = torch.arange(30) // 3
-    _, ig = knn_within(x, 5, groups=groups)
+    _, ig = oracle_knn_within(x, 5, groups=groups)
     assert not bool((groups[ig] == groups[:, None]).any())
-    with pytest.raises(SearchInputError, match=r"k=30 .* 30 rows; need k <= 29"):
-        knn_within(x, 30)
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_kth_similarity_and_tau_of_the_relation_are_the_kth_neighbour(cross):
+    x = norm2_vectors(30, 5)
+    modality = torch.arange(30) % 2
+    s, _ = oracle_knn_within(x, 6, groups=modality if cross else None)  # same modality excluded like a group
+    tau = kth_neighbour_similarity(x, 6, modality=modality, cross_modal_only=cross)
+    assert torch.equal(tau, s[:, 5])
+    rel = mutual_graph(x, 6, modality=modality, cross_modal_only=cross)
+    assert torch.equal(rel.tau, s[:, 5])
 
 
 @pytest.mark.parametrize("k", [1, 3, 6])

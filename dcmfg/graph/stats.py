@@ -1,4 +1,4 @@
-"""What the graph actually did (issue: is the mutual relation active at all?), always recorded.
+"""What the graph actually did (is the mutual relation active at all?), always recorded (docs/method.md section 2).
 
 For every graph step (a layer of a training batch, of the bank's own graph, or of a chunk of queries against the bank)
 `GraphTally.add` counts, over the step's target nodes:
@@ -19,10 +19,11 @@ once over the bank; otherwise (training batches: each its own nodes) they are co
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-KEYS = ("mutual_share", "fallback_share", "in_degree", "out_degree", "out_degree_max", "cross_share", "hubness",
-        "attention_entropy", "self_attention")
+from dcmfg.graph.edges import Edges
 
 
 def skewness(x: torch.Tensor) -> float:
@@ -32,7 +33,44 @@ def skewness(x: torch.Tensor) -> float:
     return float(((x - x.mean()) ** 3).mean() / sd**3) if float(sd) > 0 else 0.0
 
 
+@dataclass
+class TargetCounts:
+    """Per target node of one graph step (n,): what its non-self in-edges are."""
+
+    mutual: torch.Tensor  # bool: at least one genuine mutual neighbour (fallback edges and self-loops not counted)
+    fallback_only: torch.Tensor  # bool: served only by the fallback edge (no other non-self edge)
+    degree: torch.Tensor  # long: non-self in-edges
+
+
+def target_counts(edges: Edges) -> TargetCounts:
+    """The per-target flags of one graph step, for its `edges.n_targets` targets. The one definition the
+    graph statistics (`GraphTally`) and the per-item statistics of an embedding (`item_stats`) both count."""
+    t = edges.n_targets
+    tgt = edges.index[1]
+    other = ~edges.self_loop
+    has_genuine = torch.bincount(tgt[other & ~edges.fallback], minlength=t) > 0
+    has_fallback = torch.bincount(tgt[edges.fallback & other], minlength=t) > 0
+    return TargetCounts(mutual=torch.bincount(tgt[edges.mutual & other], minlength=t) > 0,
+                        fallback_only=has_fallback & ~has_genuine,
+                        degree=torch.bincount(tgt[other], minlength=t))
+
+
+def item_stats(steps: list[Edges]) -> dict[str, torch.Tensor]:
+    """Per target (n,) float32, a mean over the graph steps (layers): `mutual` (had >= 1 genuine mutual neighbour),
+    `fallback` (was served by the fallback edge only), `degree` (non-self in-edges). Per item, so they can be
+    sliced to a split part and gathered across ranks like the embeddings."""
+    out: dict[str, list] = {"mutual": [], "fallback": [], "degree": []}
+    for e in steps:
+        c = target_counts(e)
+        out["mutual"].append(c.mutual.float())
+        out["fallback"].append(c.fallback_only.float())
+        out["degree"].append(c.degree.float())
+    return {k: torch.stack(v).mean(0) for k, v in out.items()}
+
+
 class GraphTally:
+    """Counts of the graph steps seen (`add`, `+=`), read as statistics with `summary`."""
+
     def __init__(self, shared_candidates: bool = False):
         self.shared = shared_candidates
         self.n: dict[str, float] = {k: 0.0 for k in ("targets", "mutual", "fallback_only", "edges", "cross",
@@ -43,17 +81,15 @@ class GraphTally:
 
     @torch.no_grad()
     def add(self, edges, alpha: torch.Tensor | None = None, layer: int = 0) -> None:
-        """One graph step: `edges` a `dcmfg.graph.batch.Edges`, `alpha` (E, heads) its attention coefficients."""
+        """One graph step: `edges` its `Edges`, `alpha` (E, heads) its attention coefficients."""
         t = edges.n_targets
-        src, tgt = edges.index
+        src = edges.index[0]
         other = ~edges.self_loop
-        genuine = other & ~edges.fallback
+        counts = target_counts(edges)
         self.n["targets"] += t
-        self.n["mutual"] += int((torch.bincount(tgt[edges.mutual & other], minlength=t) > 0).sum())
-        has_genuine = torch.bincount(tgt[genuine], minlength=t) > 0
-        has_fallback = torch.bincount(tgt[edges.fallback & other], minlength=t) > 0
-        self.n["fallback_only"] += int((has_fallback & ~has_genuine).sum())
-        self.n["edges"] += int(other.sum())
+        self.n["mutual"] += int(counts.mutual.sum())
+        self.n["fallback_only"] += int(counts.fallback_only.sum())
+        self.n["edges"] += int(counts.degree.sum())
         self.n["cross"] += int((edges.cross & other).sum())
         # out-degree per candidate node: bank graphs name the bank node of each source row
         cand = edges.bank_nodes[src[other] - t] if edges.bank_nodes is not None else src[other]

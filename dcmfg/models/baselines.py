@@ -1,4 +1,4 @@
-"""Baselines in the same harness (method.md section 7): same features, splits, losses module and metrics.
+"""Baselines in the same harness (docs/method.md section 7): same features, splits, losses module and metrics.
 
 - `linear`: the projection heads of DCMFG with no graph (the static-alignment model the paper argues against).
 - `dcmh`: DCMH-style dual-network hashing: one MLP per modality to b tanh bits, inner-product likelihood over
@@ -6,7 +6,8 @@
 - `dcmht`: DCMHT-style contrastive hashing: a small transformer over each item's token sequence (global token +
   regions or words) to b tanh bits, contrastive loss on the codes + quantisation.
 
-They have DCMFG's surface (`forward`, `build_bank` -> None, `embed`); the bank argument is ignored.
+They have the surface of every model (`dcmfg.models.base.RetrievalModel`: `forward`, `build_bank` -> None, `embed`);
+the bank argument is ignored.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from dcmfg.config import Config
 from dcmfg.modality import IMAGE, TEXT
-from dcmfg.models.dcmfg import ModelOutput, Projection
+from dcmfg.models.base import ModelOutput, Projection, concat_chunks, modality_chunks
 
 
 class _NoGraph(nn.Module):
@@ -40,13 +41,7 @@ class _NoGraph(nn.Module):
     def embed(
         self, feats: dict, modality: int, bank=None, return_attention: bool = False, chunk: int = 4096, exclude=None
     ) -> dict:
-        key = "image" if modality == IMAGE else "text"
-        n = len(feats[f"{key}_global"])
-        outs = []
-        for s in range(0, n, chunk):
-            part = {k: v[s : s + chunk] for k, v in feats.items() if k.startswith(key)}
-            outs.append(self.item(part, modality))
-        res = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+        res = concat_chunks([self.item(part, modality) for _, part in modality_chunks(feats, modality, chunk)])
         if "z" not in res:  # hashing models: the real-valued embedding is the tanh code
             res["z"] = F.normalize(res["h"], dim=1)
         return res
