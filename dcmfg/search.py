@@ -19,11 +19,22 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from dcmfg.backbones import create_image_encoder, create_text_encoder
+from dcmfg.choices import Against, Distance, check
+from dcmfg.data.base import ImageReadError, read_image_file
+from dcmfg.engine.data import take
+from dcmfg.engine.evaluate import codes, embed_parts, load_run
 from dcmfg.errors import DcmfgError
+from dcmfg.explain import words_of as tokenizer_words
+from dcmfg.graph.knn import topk_stable
 from dcmfg.modality import IMAGE, TEXT, Modality
 
-AGAINST = {"images": IMAGE, "texts": TEXT}
+# what each `against` ranks: the database side of that modality
+AGAINST = {Against.IMAGES: IMAGE, Against.TEXTS: TEXT}
+# an item query's side, by its modality's key ("image", "text")
+MODALITY_OF_KEY = {m.key: m for m in Modality}
 
 
 class QueryError(DcmfgError, ValueError):
@@ -60,7 +71,7 @@ class Run:
         return self.data.dataset
 
     def has_hash(self) -> bool:
-        return "h" in self.database["image"]
+        return "h" in self.database[IMAGE.key]
 
     def row_of(self, item_id: str) -> int:
         """Dataset row of an item id (as in the dataset's ids)."""
@@ -78,9 +89,6 @@ class Run:
 def open_run(path) -> Run:
     """Load a run folder (its best/ checkpoint) or a checkpoint folder, with its data (checked against what it was
     trained on, as evaluation checks it), its bank and its database embedded as evaluation embeds it."""
-    from dcmfg.engine.data import take
-    from dcmfg.engine.evaluate import embed_parts, load_run
-
     model, cfg, meta, data = load_run(path)
     train_idx, db_idx = data.part("train"), data.part("database")
     with torch.no_grad():
@@ -121,15 +129,11 @@ class Query:
 
 @functools.lru_cache(maxsize=4)
 def _text_encoder(backbone: str, max_words: int):
-    from dcmfg.backbones import create_text_encoder
-
     return create_text_encoder(backbone, max_words=max_words)
 
 
 @functools.lru_cache(maxsize=4)
 def _image_encoder(backbone: str, regions: int, image_size: int):
-    from dcmfg.backbones import create_image_encoder
-
     return create_image_encoder(backbone, regions=regions, image_size=image_size)
 
 
@@ -153,16 +157,12 @@ def text_query(run: Run, text: str) -> Query:
 
 def words_of(run: Run, text: str) -> list[str]:
     """The words of a text as the run's text backbone pools them (fast tokenizer word ids), in word-slot order."""
-    from dcmfg.study.interpret import words_of as tokenizer_words
-
     f = run.cfg.features
     return tokenizer_words(_text_encoder(f.text_backbone, int(f.max_words)).tokenizer, text)[: int(f.max_words)]
 
 
 def read_image(path):
     """An image file as RGB PIL; one-line error naming the file when it is missing or not an image."""
-    from dcmfg.data.base import ImageReadError, read_image_file
-
     try:
         return read_image_file(path)
     except ImageReadError as exc:
@@ -171,8 +171,6 @@ def read_image(path):
 
 def image_query(run: Run, image, label: str | None = None) -> Query:
     """An image query (a path, or a PIL image) encoded with the run's image backbone, regions and image size."""
-    from PIL import Image
-
     if not isinstance(image, Image.Image):
         label = label or str(image)
         image = read_image(image)
@@ -185,16 +183,13 @@ def image_query(run: Run, image, label: str | None = None) -> Query:
 
 def item_query(run: Run, item_id: str, modality: Modality) -> Query:
     """A dataset item's image or text, from the run's cached features (exactly what evaluation embeds)."""
-    from dcmfg.engine.data import take
-
     row = run.row_of(item_id)
     if not bool(run.data.valid[row]):
         raise QueryError(f"item {item_id!r} has no features (its image could not be read at extraction)")
     feats = take(run.data.feats, [row])
     feats = {k: v for k, v in feats.items() if k.startswith(modality.key)}
     ds = run.dataset
-    side = "text" if modality == TEXT else "image"
-    return Query(modality, feats, "item", f"item {ds.ids[row]} ({side})", item=row, text=ds.text(row),
+    return Query(modality, feats, "item", f"item {ds.ids[row]} ({modality.key})", item=row, text=ds.text(row),
                  image=None)
 
 
@@ -205,8 +200,8 @@ def item_query(run: Run, item_id: str, modality: Modality) -> Query:
 class SearchResult:
     run: Run
     query: Query
-    against: str  # "images" | "texts"
-    distance: str  # "cosine" | "hamming"
+    against: str  # an Against value: "images" | "texts"
+    distance: str  # a Distance value: "cosine" | "hamming"
     table: pd.DataFrame  # rank, id, row, <distance>, labels, text, shares_label, is_query_item
     embedding: dict  # the query's z (and h)
     attention: list | None  # per layer: query_index, bank_index, alpha (E, heads)[, mutual]; None without a graph
@@ -243,7 +238,7 @@ def embed_query(run: Run, query: Query) -> dict:
 
 def _scores(q: torch.Tensor, db: torch.Tensor, distance: str) -> torch.Tensor:
     """(1, N) higher = better: cosine similarity, or minus the Hamming distance of the sign codes."""
-    if distance == "hamming":
+    if distance == Distance.HAMMING:
         return -(q.shape[1] - q @ db.T) / 2
     return F.normalize(q.float(), dim=1) @ F.normalize(db.float(), dim=1).T
 
@@ -253,13 +248,12 @@ def search(run: Run | str | Path, *, text: str | None = None, image=None, item: 
            distance: str | None = None) -> SearchResult:
     """Rank the run's database for one query (exactly one of text, image, item).
 
-    against: "images" or "texts"; default the other modality than the query's (cross-modal retrieval). An item
-    query uses the item's text against images and its image against texts unless `item_modality` says which.
-    distance: "cosine" (z) or "hamming" (sign of the hash head); default the run's eval.distance.
+    against (`dcmfg.choices.Against`): "images" or "texts"; default the other modality than the query's
+    (cross-modal retrieval). An item query uses the item's text against images and its image against texts unless
+    `item_modality` ("image" or "text", a `Modality.key`) says which.
+    distance (`dcmfg.choices.Distance`): "cosine" (z) or "hamming" (sign of the hash head); default the run's
+    eval.distance.
     """
-    from dcmfg.engine.evaluate import codes
-    from dcmfg.graph.knn import topk_stable
-
     if sum(x is not None for x in (text, image, item)) != 1:
         raise QueryError("give exactly one query: a text, an image or a dataset item")
     # what can be checked without the run first: loading it takes seconds
@@ -268,15 +262,15 @@ def search(run: Run | str | Path, *, text: str | None = None, image=None, item: 
     image_label = str(image) if isinstance(image, (str, Path)) else "uploaded image"
     if isinstance(image, (str, Path)):
         image = read_image(image)
-    if against is not None and against not in AGAINST:
-        raise QueryError(f"against must be 'images' or 'texts', got {against!r}")
-    if distance not in (None, "cosine", "hamming"):
-        raise QueryError(f"distance must be 'cosine' or 'hamming', got {distance!r}")
+    if against is not None:
+        check(Against, against, "against", QueryError)
+    if distance is not None:
+        check(Distance, distance, "distance", QueryError)
     if top < 1:
         raise QueryError(f"top must be >= 1, got {top}")
     run = run if isinstance(run, Run) else cached_run(run)
     distance = distance or run.cfg.eval.distance
-    if distance == "hamming" and not run.has_hash():
+    if distance == Distance.HAMMING and not run.has_hash():
         raise QueryError(f"{run.name} has no hash head: rank by cosine")
 
     if text is not None:
@@ -285,13 +279,13 @@ def search(run: Run | str | Path, *, text: str | None = None, image=None, item: 
         query = image_query(run, image, image_label)
     else:
         if item_modality is None:
-            modality = TEXT if (against or "images") == "images" else IMAGE
-        elif item_modality in ("image", "text"):
-            modality = IMAGE if item_modality == "image" else TEXT
+            modality = TEXT if (against or Against.IMAGES) == Against.IMAGES else IMAGE
+        elif item_modality in MODALITY_OF_KEY:
+            modality = MODALITY_OF_KEY[item_modality]
         else:
-            raise QueryError(f"item_modality must be 'image' or 'text', got {item_modality!r}")
+            raise QueryError(f"item_modality must be one of {', '.join(MODALITY_OF_KEY)}, got {item_modality!r}")
         query = item_query(run, item, modality)
-    against = against or ("images" if query.modality == TEXT else "texts")
+    against = against or (Against.IMAGES if query.modality == TEXT else Against.TEXTS)
 
     e = embed_query(run, query)
     db = run.database[AGAINST[against].key]
@@ -313,7 +307,7 @@ def _result_table(run: Run, query: Query, rows: np.ndarray, vals: torch.Tensor, 
         "rank": np.arange(1, len(rows) + 1),
         "id": [str(ds.ids[r]) for r in rows],
         "row": rows.astype(int),
-        distance: (-score).round().astype(int) if distance == "hamming" else score,
+        distance: (-score).round().astype(int) if distance == Distance.HAMMING else score,
         "labels": [", ".join(names[labels[r] > 0]) for r in rows],
         "text": [ds.text(int(r)) for r in rows],
     })
@@ -354,7 +348,7 @@ def neighbour_table(run: Run, attention: list | None) -> pd.DataFrame:
         df = pd.DataFrame({
             "layer": li,
             "neighbour": np.where(is_bank, "bank", "self"),
-            "modality": np.where(is_bank, np.where(bank_mod == IMAGE, "image", "text"), "query"),
+            "modality": np.where(is_bank, np.where(bank_mod == IMAGE, IMAGE.key, TEXT.key), "query"),
             "id": [str(ds.ids[r]) if r >= 0 else "" for r in rows],
             "row": rows,
             "alpha": alpha.mean(1).numpy(),
@@ -386,12 +380,12 @@ def format_result(res: SearchResult, width: int = 48) -> str:
     t = res.table
     item = res.query.item is not None
     head = (f"{res.run.name}: {res.query.description} against {len(res.run.db_idx)} database {res.against}, "
-            f"{res.distance}{' (higher is closer)' if res.distance == 'cosine' else ' distance in bits'}")
+            f"{res.distance}{' (higher is closer)' if res.distance == Distance.COSINE else ' distance in bits'}")
     lines = [head]
     score = res.distance
     wid = max([10] + [len(x) for x in t["id"]])
     for r in t.itertuples(index=False):
-        val = f"{getattr(r, score):.4f}" if score == "cosine" else f"{getattr(r, score):d}"
+        val = f"{getattr(r, score):.4f}" if score == Distance.COSINE else f"{getattr(r, score):d}"
         mark = ("+" if r.shares_label else "-") if item else " "
         mark = "=" if item and r.is_query_item else mark
         text = r.text if len(r.text) <= width else r.text[: width - 3] + "..."
