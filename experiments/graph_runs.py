@@ -25,7 +25,7 @@ from dcmfg.engine.checkpoint import load_weights
 from dcmfg.engine.evaluate import load_data, retrieval_for_split, take
 from dcmfg.engine.train import batches as _batches
 from dcmfg.engine.train import train
-from dcmfg.graph.stats import GraphTally
+from dcmfg.graph.stats import GraphTally, graph_steps, item_share
 from dcmfg.modality import IMAGE, TEXT
 from dcmfg.models.base import GraphModel, RetrievalModel
 from dcmfg.models.registry import create_model
@@ -56,7 +56,7 @@ def graph_numbers(model: RetrievalModel, data, cfg) -> dict:
         q += e["graph"]
         mutual.append(e["mutual"])
     out["query"] = q.summary("")
-    out["query_mutual_share"] = float(torch.cat(mutual).mean())
+    out["query_mutual_share"] = item_share(torch.cat(mutual), graph_steps(bank))  # as in the run report
     return out
 
 

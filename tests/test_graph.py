@@ -13,7 +13,7 @@ from dcmfg import graph as G
 from dcmfg.config import GraphConfig
 from dcmfg.errors import ConfigError
 from dcmfg.graph import knn
-from dcmfg.graph.stats import GraphTally
+from dcmfg.graph.stats import GraphTally, item_share
 
 
 def _nodes(b=12, d=16, seed=0):
@@ -279,6 +279,17 @@ def test_graph_statistics_on_a_hand_made_graph():
     both += t
     assert both.summary() == s  # shares over twice the same targets do not change
     assert GraphTally().summary() == {}
+
+
+def test_query_shares_are_counts_and_disjoint_shares_never_sum_past_one():
+    # per-item means over 3 graph steps (k/3 in float32, as the embedding reports them); each step of an item is
+    # either mutual or fallback-only, so the two shares must sum to 1 (up to one rounding), never above
+    steps = 3
+    mutual = torch.randint(0, steps + 1, (999,), generator=torch.Generator().manual_seed(0))
+    as_means = lambda c: torch.stack([(torch.arange(steps) < x).float() for x in c.tolist()]).mean(1)  # noqa: E731
+    m, f = item_share(as_means(mutual), steps), item_share(as_means(steps - mutual), steps)
+    assert m == int(mutual.sum()) / (999 * steps)
+    assert m + f <= 1.0 and m + f == pytest.approx(1.0, abs=1e-15)
 
 
 def test_bank_search_goes_through_topk_with_auto_backend(monkeypatch):

@@ -142,6 +142,23 @@ class GraphTally:
         return {prefix + k: float(v) for k, v in res.items()}
 
 
+def graph_steps(bank) -> int:
+    """How many graph steps a query takes against `bank` (the steps `item_stats` averages over): one per layer
+    (the bank keeps every layer's input state), one for bank smoothing (its one state)."""
+    return max(1, len(bank.states))
+
+
+def item_share(values: torch.Tensor, steps: int) -> float:
+    """The share of (item, graph step) pairs with a flag, from per-item means over `steps` steps (`item_stats`).
+
+    Each mean is count / steps in float32; the counts are recovered as integers and the share is their sum over
+    items x steps in float64. A float32 mean of the means could round above the exact share, so two shares of
+    disjoint flags (mutual, fallback only) could sum past 1; integer counts cannot.
+    """
+    counts = torch.round(values.double() * steps).long()
+    return float(counts.sum().double() / (len(values) * steps))
+
+
 def inference_report(bank, embedded: list[dict]) -> dict:
     """The `graph` object of a report from the per-item statistics of `DCMFG.embed` (already cut to the evaluated
     items, e.g. the query split, of each modality): `query_mutual_share` (items with at least one genuine mutual
@@ -151,9 +168,10 @@ def inference_report(bank, embedded: list[dict]) -> dict:
     if bank is None or not embedded or not all("mutual" in e for e in embedded):
         return {}
     cat = {k: torch.cat([e[k].float() for e in embedded]) for k in ("mutual", "fallback", "degree")}
+    steps = graph_steps(bank)
     return {
-        "query_mutual_share": float(cat["mutual"].mean()),
-        "query_fallback_share": float(cat["fallback"].mean()),
+        "query_mutual_share": item_share(cat["mutual"], steps),
+        "query_fallback_share": item_share(cat["fallback"], steps),
         "query_in_degree": float(cat["degree"].mean()),
         "inference": bank.inference,
         "bank": {k.removeprefix("graph_"): v for k, v in bank.stats.items()},
