@@ -10,12 +10,16 @@ import pytest
 from PIL import Image
 
 from dcmfg.data import DatasetError, LayoutError, load_dataset
+from dcmfg.data.captions import group_representatives
+from dcmfg.data.mscoco import looks_like_coco
 from dcmfg.data.splits import make_split
-from dcmfg.data.mscoco import (
-    group_representatives,
-    looks_like_coco,
-    rows_of_groups,
-)
+
+
+def rows_of_groups(groups: np.ndarray, chosen) -> np.ndarray:
+    """All row indices whose group is in `chosen`, ascending (the oracle of a group-level split expanded to rows)."""
+    g = np.asarray(groups, dtype=np.int64)
+    return np.flatnonzero(np.isin(g, np.asarray(chosen, dtype=np.int64)))
+
 
 # Category list deliberately not sorted by id, with gaps: column order must follow the file, not the ids.
 CATEGORIES = [

@@ -6,14 +6,17 @@ import argparse
 from pathlib import Path
 
 from dcmfg.choices import SplitProtocol, values
+from dcmfg.config import parse_assignment
 
+from . import load_dataset
 from .base import DatasetError
+from .discover import check_folder, detect, find_datasets
+from .fetch import fetch_dataset
+from .splits import make_split, save_split, size_problem
 
 
 def _options(pairs: list[str] | None) -> dict:
     """--option KEY=VALUE pairs as loader keyword arguments (values read as YAML scalars, like --set)."""
-    from dcmfg.config import parse_assignment
-
     return dict(parse_assignment(pair, "--option") for pair in pairs or [])
 
 
@@ -30,8 +33,6 @@ def _size(text: str):
 def _pick_dataset(root: Path, name: str | None) -> str:
     if name is not None:
         return name
-    from .discover import check_folder, detect, find_datasets
-
     if not root.is_file():  # a manifest may be given as its file
         check_folder(root)
     found = sorted({n for n, _ in detect(root)}) or sorted({n for n, _ in find_datasets(root)})
@@ -66,8 +67,6 @@ def format_summary(s: dict) -> str:
 
 
 def cmd_info(args) -> int:
-    from . import load_dataset
-
     root = Path(args.root)
     ds = load_dataset(_pick_dataset(root, args.dataset), root, **_options(args.option))
     print(format_summary(ds.summary()))
@@ -75,9 +74,6 @@ def cmd_info(args) -> int:
 
 
 def cmd_split(args) -> int:
-    from . import load_dataset
-    from .splits import make_split, save_split, size_problem
-
     for part in ("query", "train", "val"):  # before loading anything: a size that leaves a part empty is a typo
         value = getattr(args, part)
         problem = size_problem(part, value)
@@ -93,8 +89,6 @@ def cmd_split(args) -> int:
 
 
 def cmd_fetch(args) -> int:
-    from .fetch import fetch_dataset
-
     dest = fetch_dataset(args.name, args.dest, url_base=args.url_base)
     print(f"{args.name}: ready under {dest}")
     return 0

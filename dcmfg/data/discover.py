@@ -1,4 +1,5 @@
-"""Which datasets a folder (e.g. DCMFG_DATA) holds, found by layout detection of each sub-folder.
+"""Which datasets a folder (e.g. DCMFG_DATA) holds, found by layout detection of each sub-folder, and where a
+layout may sit under a folder (`dirs_near`, `mat_files`: what the MIRFlickr and NUS-WIDE loaders search).
 
 The study uses this to pick real data when present and fall back to `synthetic` otherwise.
 """
@@ -6,7 +7,10 @@ The study uses this to pick real data when present and fall back to `synthetic` 
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
+
+from dcmfg.paths import data_dir
 
 from .base import LayoutError
 
@@ -48,8 +52,6 @@ def find_datasets(folder) -> list[tuple[str, Path]]:
 
 def default_root(name: str) -> Path:
     """The root of dataset `name` under DCMFG_DATA, for loaders called with root=None."""
-    from dcmfg.paths import data_dir
-
     folder = data_dir()
     if folder is None:
         raise LayoutError(f"{name}: no root given and DCMFG_DATA is not set: pass the dataset folder")
@@ -82,8 +84,6 @@ PREFERENCE = ["mirflickr25k", "nuswide", "mscoco", "manifest"]
 def pick_dataset(folder=None) -> tuple[str, Path | None]:
     """The dataset a run should use by default: the first real one under `folder` (default DCMFG_DATA) in the
     order of PREFERENCE, else ("synthetic", None), the procedural fallback."""
-    from dcmfg.paths import data_dir
-
     folder = Path(folder) if folder is not None else data_dir()
     found = find_datasets(folder) if folder is not None else []
     for name in PREFERENCE:
@@ -91,3 +91,32 @@ def pick_dataset(folder=None) -> tuple[str, Path | None]:
             if found_name == name:
                 return name, root
     return "synthetic", None
+
+
+def dirs_near(root: Path, depth: int = 2) -> list[Path]:
+    """root, its sub-folders and theirs (sorted, hidden ones skipped): where a layout may sit under `root`."""
+    found, frontier = [root], [root]
+    for _ in range(depth):
+        nxt = []
+        for d in frontier:
+            try:  # scandir's is_dir() uses the directory entry: no stat per file in a 25,000-image folder
+                with os.scandir(d) as it:
+                    nxt += sorted(Path(e.path) for e in it if not e.name.startswith(".") and e.is_dir())
+            except OSError:
+                continue
+        found += nxt
+        frontier = nxt
+    return found
+
+
+def mat_files(root: Path) -> dict[str, Path]:
+    """Lower-cased name -> path of the .mat files in root and its sub-folders (depth 1)."""
+    out = {}
+    for d in dirs_near(root, depth=1):
+        try:
+            for p in d.iterdir():
+                if p.suffix.lower() == ".mat" and p.is_file():
+                    out.setdefault(p.name.lower(), p)
+        except OSError:
+            continue
+    return out

@@ -10,7 +10,7 @@ Columns: `image` (path relative to the manifest's folder, and inside it once `..
 `text` (JSONL: a string or a list of captions; CSV: one string), `labels` (JSONL: a list of names; CSV: names
 separated by `|`), and optionally `id` (a unique item name; default the image path). Several captions follow the
 `captions` switch ("first" | "join" | "all") and, for "all", carry `groups` exactly as MS-COCO does (see
-dcmfg.data.mscoco for the retrieval rules).
+dcmfg.data.captions for the retrieval rules).
 
 Label order: first appearance in the manifest, unless a `label_names.txt` beside it (one name a line) fixes it.
 
@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from .base import CrossModalDataset, DatasetError, LayoutError
-from .mscoco import CAPTION_MODES, expand_captions
+from .captions import CAPTION_MODES, expand_captions
+from .discover import default_root
 
 MANIFEST_NAMES = ("manifest.jsonl", "manifest.csv")
 REQUIRED = ("image", "text", "labels")
@@ -47,8 +48,6 @@ def looks_like_manifest(path) -> bool:
 def find_manifest(root) -> Path:
     """The manifest file named by `root`: the file itself, or the one manifest.jsonl / manifest.csv in a folder."""
     if root is None:  # the manifest folder found under DCMFG_DATA, as for the other datasets
-        from .discover import default_root
-
         root = default_root("manifest")
     root = Path(root)
     if root.is_file():

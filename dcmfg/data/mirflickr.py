@@ -1,6 +1,6 @@
 """MIRFlickr-25K: the official raw layout and the .mat variants of peer code (DJSRH cleared set, DCMH FLICKR-25K.mat).
 
-Raw layout (data.md): `mirflickr/im<ID>.jpg`, `mirflickr/meta/tags/tags<ID>.txt`, `mirflickr/doc/common_tags.txt`
+Raw layout (docs/data.md): `mirflickr/im<ID>.jpg`, `mirflickr/meta/tags/tags<ID>.txt`, `mirflickr/doc/common_tags.txt`
 and `mirflickr25k_annotations_v080/<concept>.txt` (1-based ids). Labels are the 24 concepts in alphabetical order;
 `*_r1.txt` and README.txt are ignored. A text is the item's common tags (those in common_tags.txt) joined by spaces
 in file order. The cleaned protocol (default) keeps ids with >= 1 label and >= 1 common tag (20,015 pairs in the
@@ -18,6 +18,7 @@ import numpy as np
 
 from . import matfiles
 from .base import CrossModalDataset, DatasetError, LayoutError
+from .discover import dataset_folder, dirs_near, mat_files
 
 CONCEPTS = [
     "animals", "baby", "bird", "car", "clouds", "dog", "female", "flower", "food", "indoor", "lake", "male",
@@ -36,22 +37,6 @@ WORD_LIST_NAMES = ["yall_words.txt", "dcmh_yall_column_to_tag.tsv", "common_tags
 # ------------------------------------------------------------------------------------------------ detection
 
 
-def _dirs_near(root: Path, depth: int = 2) -> list[Path]:
-    """root, its sub-folders and theirs (sorted, hidden ones skipped): where a layout may sit under `root`."""
-    found, frontier = [root], [root]
-    for _ in range(depth):
-        nxt = []
-        for d in frontier:
-            try:  # scandir's is_dir() uses the directory entry: no stat per file in a 25,000-image folder
-                with os.scandir(d) as it:
-                    nxt += sorted(Path(e.path) for e in it if not e.name.startswith(".") and e.is_dir())
-            except OSError:
-                continue
-        found += nxt
-        frontier = nxt
-    return found
-
-
 def _is_image_dir(d: Path) -> bool:
     return (d / "meta" / "tags").is_dir() or (d / "im1.jpg").is_file()
 
@@ -67,27 +52,14 @@ def find_raw(root, beside: bool = False) -> tuple[Path | None, Path | None]:
     accepts that; discovery does not, so that a dataset folder is reported once, as itself).
     """
     root = Path(root)
-    dirs = _dirs_near(root)
+    dirs = dirs_near(root)
     images = next((d for d in dirs if d.name == "mirflickr" and _is_image_dir(d)), None)
     images = images or next((d for d in dirs if _is_image_dir(d)), None)
     annotations = next((d for d in dirs if d.name.startswith("mirflickr25k_annotations") and _is_annotation_dir(d)), None)
     annotations = annotations or next((d for d in dirs if _is_annotation_dir(d)), None)
     if beside and images is not None and annotations is None and images == root:  # root is mirflickr/ itself: look beside it
-        annotations = next((d for d in _dirs_near(root.parent, depth=1) if _is_annotation_dir(d)), None)
+        annotations = next((d for d in dirs_near(root.parent, depth=1) if _is_annotation_dir(d)), None)
     return images, annotations
-
-
-def _mat_files(root: Path) -> dict[str, Path]:
-    """Lower-cased name -> path of the .mat files in root and its sub-folders (depth 1)."""
-    out = {}
-    for d in _dirs_near(root, depth=1):
-        try:
-            for p in d.iterdir():
-                if p.suffix.lower() == ".mat" and p.is_file():
-                    out.setdefault(p.name.lower(), p)
-        except OSError:
-            continue
-    return out
 
 
 def detect_layout(root) -> str | None:
@@ -98,7 +70,7 @@ def detect_layout(root) -> str | None:
     images, annotations = find_raw(root)
     if images is not None and annotations is not None:
         return "raw"
-    mats = _mat_files(root)
+    mats = mat_files(root)
     if DCMH_FILE in mats:
         return "dcmh-mat"
     if DJSRH_FILES["labels"] in mats and (DJSRH_FILES["images"] in mats or DJSRH_FILES["tags"] in mats):
@@ -222,7 +194,7 @@ def _refuse_features(root: Path, mats: dict[str, Path]) -> None:
 
 
 def _load_mat(root: Path, layout: str, word_list) -> CrossModalDataset:
-    mats = _mat_files(root)
+    mats = mat_files(root)
     if layout == "features-mat":
         _refuse_features(root, mats)
     if layout == "dcmh-mat":
@@ -287,8 +259,6 @@ def load_mirflickr(root=None, cleaned: bool = True, tags: str = "common", word_l
     """
     if tags not in ("common", "all"):
         raise DatasetError(f"mirflickr25k: tags must be 'common' or 'all', got {tags!r}")
-    from .discover import dataset_folder
-
     root = dataset_folder("mirflickr25k", root)
     layout = layout or detect_layout(root)
     if layout is None and any(find_raw(root, beside=True)):

@@ -1,4 +1,4 @@
-"""MS-COCO in its official layout, and the caption-group rules every several-captions dataset follows.
+"""MS-COCO in its official layout (docs/mscoco.md).
 
 Layout read (2014 or 2017, never both at once):
 
@@ -8,33 +8,16 @@ Layout read (2014 or 2017, never both at once):
 
 Labels: the 80 categories with at least one instance on the image, columns in the order of the instances file's
 `categories` list (ids 1..90 with gaps; the id is never used as a column index). Images without any instance are
-dropped and counted in `stats["dropped_no_label"]` (~1% of COCO), as in the hashing literature (pairs with >= 1
-label: about 122k for 2014 train+val). Rows are ordered by split (train, then val) and image id.
+dropped and counted in `stats["dropped_no_label"]`, as in the hashing literature. Rows are ordered by split
+(train, then val) and image id.
 
-Memory: an instances file is large (~450 MB for train2014) because of the segmentation polygons. It is parsed with
-`json` and an `object_hook` that turns every annotation into an (image_id, category_id) pair as soon as it is
-decoded, so the polygons are freed at once. Measured on a 103 MB file of COCO's shape: peak RSS 249 MB against
-734 MB for a plain `json.load`, i.e. about 1.1 GB instead of 3.2 GB for train2014. The pairs are then cached
-under DCMFG_CACHE/mscoco (keyed by the file's SHA-256): later loads skip the ~30 s parse.
+Memory: an instances file is large because of the segmentation polygons. It is parsed with `json` and an
+`object_hook` that turns every annotation into an (image_id, category_id) pair as soon as it is decoded, so the
+polygons are freed at once (docs/mscoco.md has the measured peak). The pairs are then cached under
+DCMFG_CACHE/mscoco, keyed by the file's SHA-256, so later loads skip the parse.
 
-Captions (`captions=`):
-- "first": one row per image with its first caption (lowest annotation id); `groups` is None.
-- "join": one row per image, all its captions joined by " "; `groups` is None.
-- "all": one row per caption, each paired with the same image; rows of one image share a group id in
-  `CrossModalDataset.groups` (the image's row order, 0..n_images-1), and ids read "<image_id>#<k>".
-
-The retrieval protocol for grouped rows (what we chose, and why):
-1. Splits are drawn by group (`dcmfg.data.splits.make_split` draws every protocol over groups when
-   `dataset.groups` is set, and sizes then count images): an image and all its captions land in the same part, so
-   a query's siblings are never in the database. Otherwise an image query would find its own captions (near-duplicates of its pair) at the top and
-   the number would measure pair memorisation, not label-level retrieval.
-2. Relevance is the usual one (share >= 1 label); siblings share every label, so an image and its captions act as
-   one item for relevance.
-3. The image side is counted once per group (`group_representatives`, which `dcmfg.engine.evaluate` uses): an image
-   repeated once per caption would be retrieved five times for a text query and weigh five times in image->text
-   mAP. The text side keeps every caption as its own query / database item: they are different texts.
-4. A split file whose parts cut through a group is refused when it is loaded (`dcmfg.data.splits.check_split`),
-   so a query's siblings are never in its database and the ranking needs no exclusion.
+Captions (`captions=`): "first" (the lowest annotation id), "join" or "all" (one row per caption, rows of one image
+in one group, ids "<image_id>#<k>"); the switch and the retrieval rules for groups are `dcmfg.data.captions`.
 """
 
 from __future__ import annotations
@@ -49,56 +32,14 @@ from typing import Sequence
 import numpy as np
 
 from dcmfg.fileio import atomic_path
+from dcmfg.paths import cache_dir
 
 from .base import CrossModalDataset, DatasetError, LayoutError
+from .captions import CAPTION_MODES, expand_captions
+from .discover import dataset_folder
 
-CAPTION_MODES = ("first", "join", "all")
 _YEARS = ("2014", "2017")
 _SPLITS = ("train", "val")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Caption groups: shared by every loader whose items may carry several captions (COCO, manifests).
-
-
-def expand_captions(
-    ids: Sequence[str], captions_per_item: Sequence[Sequence[str]], mode: str
-) -> tuple[list[str], list[str], np.ndarray, np.ndarray | None]:
-    """Apply the `captions` switch. Returns (row ids, row texts, item index of each row, groups or None).
-
-    Each item must have >= 1 caption. "all" makes one row per caption and groups = item index.
-    """
-    if mode not in CAPTION_MODES:
-        raise DatasetError(f"captions={mode!r} is not one of {', '.join(CAPTION_MODES)}")
-    if mode == "first":
-        return list(ids), [c[0] for c in captions_per_item], np.arange(len(ids), dtype=np.int64), None
-    if mode == "join":
-        return list(ids), [" ".join(c) for c in captions_per_item], np.arange(len(ids), dtype=np.int64), None
-    counts = np.fromiter((len(c) for c in captions_per_item), dtype=np.int64, count=len(captions_per_item))
-    item = np.repeat(np.arange(len(ids), dtype=np.int64), counts)
-    row_ids = [f"{i}#{k}" for i, c in zip(ids, captions_per_item) for k in range(len(c))]
-    texts = [t for c in captions_per_item for t in c]
-    return row_ids, texts, item, item.copy()
-
-
-def group_ids(groups: np.ndarray) -> np.ndarray:
-    """The distinct group ids, in order of first appearance."""
-    g = np.asarray(groups, dtype=np.int64)
-    _, first = np.unique(g, return_index=True)
-    return g[np.sort(first)]
-
-
-def group_representatives(groups: np.ndarray) -> np.ndarray:
-    """Row index of the first row of each group (in order of first appearance): use it for the image side."""
-    g = np.asarray(groups, dtype=np.int64)
-    _, first = np.unique(g, return_index=True)
-    return np.sort(first)
-
-
-def rows_of_groups(groups: np.ndarray, chosen: Sequence[int]) -> np.ndarray:
-    """All row indices whose group is in `chosen`, ascending (a group-level split expanded to rows)."""
-    g = np.asarray(groups, dtype=np.int64)
-    return np.flatnonzero(np.isin(g, np.asarray(chosen, dtype=np.int64)))
 
 
 def _annotation_files(root: Path) -> dict[tuple[str, str], Path]:
@@ -165,12 +106,10 @@ def _read_instances(path: Path) -> tuple[list[int], list[str], np.ndarray]:
 def _cached_instances(path: Path) -> tuple[list[int], list[str], np.ndarray]:
     """`_read_instances`, cached under DCMFG_CACHE/mscoco keyed by the SHA-256 of the file's bytes.
 
-    Parsing instances_train2014.json takes ~30 s; every command (split, train, evaluate) loads the dataset, so the
-    (image_id, category_id) pairs (~10 MB) are kept. Hashing the content (~1 s) rather than trusting size + mtime
-    means an edited file can never be answered from a stale entry.
+    Every command (split, train, evaluate) loads the dataset and parsing a full instances file is slow, so the
+    (image_id, category_id) pairs are kept. Hashing the content rather than trusting size + mtime means an edited
+    file can never be answered from a stale entry.
     """
-    from dcmfg.paths import cache_dir
-
     h = hashlib.sha256(b"dcmfg-coco-instances/1")
     with open(path, "rb") as f:
         while block := f.read(1 << 23):
@@ -243,14 +182,12 @@ def load_mscoco(
 ) -> CrossModalDataset:
     """Load COCO captions + instance labels from the official layout under `root`.
 
-    captions: "first" | "join" | "all" (see the module docstring for groups).
+    captions: "first" | "join" | "all" (see dcmfg.data.captions for groups).
     year: "2014" or "2017"; needed only when both are present.
     splits: which of "train", "val" to read (those present; a listed split whose captions file is absent is an error
         only if nothing else is found, so a val-only download works).
     missing_images: "error" (default: name the first missing files) or "drop" (count in stats["dropped_missing_image"]).
     """
-    from .discover import dataset_folder
-
     root = dataset_folder("mscoco", root)  # None: the COCO folder found under DCMFG_DATA
     if captions not in CAPTION_MODES:
         raise DatasetError(f"captions={captions!r} is not one of {', '.join(CAPTION_MODES)}")

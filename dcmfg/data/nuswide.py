@@ -1,6 +1,6 @@
 """NUS-WIDE: the official raw layout and the .mat variants of peer code, with the TC-21 / TC-10 concept sets.
 
-Raw layout (data.md): `ImageList/Imagelist.txt` (row order), `Groundtruth/AllLabels/Labels_<concept>.txt` (one 0/1
+Raw layout (docs/data.md): `ImageList/Imagelist.txt` (row order), `Groundtruth/AllLabels/Labels_<concept>.txt` (one 0/1
 a line), `NUS_WID_Tags/AllTags1k.txt` (rows x 1,000 0/1) + `TagList1k.txt`, `Concepts81.txt` (concept order).
 A text is the item's 1k-vocabulary tags in TagList1k order. Images are the user's own copy (the official URLs are
 dead), found under `Flickr/`, `images/` or `image_root=`. The cleaned rule (default) keeps rows with >= 1 label of
@@ -18,7 +18,7 @@ import numpy as np
 
 from . import matfiles
 from .base import CrossModalDataset, DatasetError, LayoutError
-from .mirflickr import _dirs_near, _mat_files
+from .discover import dataset_folder, dirs_near, mat_files
 
 WORD_LIST_NAMES = ["TagList1k.txt"]
 
@@ -90,7 +90,7 @@ def read_binary_matrix(path, n_cols: int, n_rows: int | None = None, row_source:
 
 
 def _find_file(root: Path, names: list[str]) -> Path | None:
-    for d in _dirs_near(root, depth=2):
+    for d in dirs_near(root, depth=2):
         for name in names:
             if (d / name).is_file():
                 return d / name
@@ -99,7 +99,7 @@ def _find_file(root: Path, names: list[str]) -> Path | None:
 
 def find_raw_root(root) -> Path | None:
     """The folder holding ImageList/Imagelist.txt and Groundtruth/ (root itself or a sub-folder)."""
-    for d in _dirs_near(Path(root), depth=2):
+    for d in dirs_near(Path(root), depth=2):
         if (d / "ImageList" / "Imagelist.txt").is_file() and (d / "Groundtruth").is_dir():
             return d
     return None
@@ -112,7 +112,7 @@ def detect_layout(root) -> str | None:
         return None
     if find_raw_root(root) is not None:
         return "raw"
-    mats = _mat_files(root)
+    mats = mat_files(root)
     if any(n.startswith("nus-wide-tc") and n.endswith("-lall.mat") for n in mats) or "labellist21.mat" in mats:
         has_images = any(n.endswith("-iall.mat") and n.startswith("nus-wide") for n in mats) or "imglist21.mat" in mats
         return "mat" if has_images else "features-mat"
@@ -231,7 +231,7 @@ def _sole_key(path: Path, preferred: list[str]) -> str:
 
 
 def _load_mat(root: Path, concepts: str, word_list, image_root) -> CrossModalDataset:
-    mats = _mat_files(root)
+    mats = mat_files(root)
     if concepts == "all":
         raise DatasetError(f"{root}: .mat variants hold TC-10 or TC-21 only; use concepts='tc10' or 'tc21'")
     tc = concepts  # tc10 | tc21
@@ -282,8 +282,6 @@ def load_nuswide(root=None, concepts: str = "tc21", cleaned: bool = True, word_l
     """
     if concepts not in CONCEPT_SETS:
         raise DatasetError(f"nuswide: concepts must be one of {', '.join(CONCEPT_SETS)}, got {concepts!r}")
-    from .discover import dataset_folder
-
     root = dataset_folder("nuswide", root)
     base = find_raw_root(root)
     if base is not None:

@@ -1,8 +1,8 @@
-"""Split protocols (data.md) and split files.
+"""Split protocols (docs/data.md) and split files.
 
 Parts, as index arrays into the dataset (each sorted ascending):
 - `query`: touched only for the final report;
-- `database`: every item not in the query (the retrieval set), per data.md;
+- `database`: every item not in the query (the retrieval set), per docs/data.md;
 - `train`: drawn from the database; `val`: carved out of the training pool, and `train` excludes it.
 
 Sizes are counts (int >= 1) or fractions (float in (0, 1)); no part may end up empty. `query` and `train`
@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from dcmfg.choices import SplitProtocol, values
+from dcmfg.fileio import write_text_atomic
 
 from .base import CrossModalDataset, DatasetError
+from .captions import group_units
 
 PROTOCOLS = values(SplitProtocol)
 FORMAT = "dcmfg-split/1"
@@ -116,11 +118,7 @@ def _units(dataset: CrossModalDataset) -> tuple[np.ndarray, np.ndarray]:
     n = len(dataset)
     if dataset.groups is None:
         return np.arange(n, dtype=np.int64), dataset.labels
-    g = np.asarray(dataset.groups, dtype=np.int64)
-    _, first, inverse = np.unique(g, return_index=True, return_inverse=True)
-    rank = np.empty(len(first), dtype=np.int64)
-    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
-    unit_of_row = rank[inverse.reshape(-1)]
+    first, unit_of_row = group_units(dataset.groups)
     unit_labels = np.zeros((len(first), dataset.labels.shape[1]), dtype=np.uint8)
     np.maximum.at(unit_labels, unit_of_row, dataset.labels)
     return unit_of_row, unit_labels
@@ -211,9 +209,6 @@ def split_to_json(split: Split) -> str:
         "ids": {name: list(ids) for name, ids in split.ids.items()},
     }
     return json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=True) + "\n"
-
-
-from dcmfg.fileio import write_text_atomic  # noqa: E402  (re-exported: older callers import it here)
 
 
 def save_split(split: Split, path) -> Path:
@@ -320,7 +315,7 @@ CONTAINED = (("train", "database"), ("val", "database"))
 
 
 def check_split(split: Split, dataset: CrossModalDataset | None = None, where: str = "split") -> None:
-    """Refuse a split whose parts break the protocol (data.md), and with `dataset`, one made for other data.
+    """Refuse a split whose parts break the protocol (docs/data.md), and with `dataset`, one made for other data.
 
     Parts: query, database, train and val present; query disjoint from database, train and val; train and val
     disjoint and inside the database; for the protocols made here (random, dcmh, dcmht, class_balanced) the

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from dcmfg.engine.data import DataBundle, load_data, take
-from dcmfg.data.mscoco import group_representatives
+from dcmfg.data.captions import group_representatives
 from dcmfg.config import Config, apply_overrides, config_from_dict
 from dcmfg.errors import ConfigError
 from dcmfg.engine.checkpoint import load_checkpoint_model, run_folder

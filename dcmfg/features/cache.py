@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from dcmfg.choices import OnCorrupt
 from dcmfg.data.base import CrossModalDataset, ImageReadError
 from dcmfg.fileio import file_sha256, write_text_atomic
 from dcmfg.paths import cache_dir
@@ -156,7 +157,7 @@ def check_cache(job: Job, manifest: dict, plan: list) -> tuple[dict, list, list[
             ok = not moved
             # Unchanged unreadable files stay unreadable; "fail" reads them again to raise their own error, and an
             # image array (no file to stamp) is re-checked by decoding.
-            if ok and entry.get("corrupt_rows") and (job.on_corrupt == "fail" or job.dataset.image_paths is None):
+            if ok and entry.get("corrupt_rows") and (job.on_corrupt == OnCorrupt.FAIL or job.dataset.image_paths is None):
                 ok = _still_unreadable(job.dataset, entry["corrupt_rows"], job.on_corrupt, fname)
         tensors = load_chunk(job.folder / fname, entry, job.shapes(kind, s, e)) if ok else None
         if tensors is None:
@@ -252,7 +253,7 @@ def _still_unreadable(dataset, rows: list[int], on_corrupt: str, fname: str) -> 
         try:
             dataset.image(int(r))
         except ImageReadError:
-            if on_corrupt == "fail":
+            if on_corrupt == OnCorrupt.FAIL:
                 raise
             continue
         log.info("%s is readable now; re-extracting %s", dataset.image_key(int(r)), fname)

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dcmfg.backbones import create_image_encoder, create_text_encoder
+from dcmfg.choices import OnCorrupt, check
 from dcmfg.config import FeatureConfig
 from dcmfg.data.base import CrossModalDataset, ImageReadError
 from dcmfg.device import resolve_device
@@ -104,9 +105,8 @@ def extract_features(
     torch.distributed process group the work is shared out by chunk across ranks (see the module docstring).
     """
     cfg = config if config is not None else FeatureConfig()
-    on_corrupt, batch_size, workers = cfg.on_corrupt, cfg.batch_size, cfg.workers
-    if on_corrupt not in ("skip", "fail"):
-        raise ConfigError(f"features.on_corrupt must be 'skip' or 'fail', got {on_corrupt!r}")
+    on_corrupt = check(OnCorrupt, cfg.on_corrupt, "features.on_corrupt", ConfigError)
+    batch_size, workers = cfg.batch_size, cfg.workers
     if len(dataset) == 0:
         raise ConfigError(f"{dataset.root}: dataset {dataset.name!r} has no items to extract features from")
     if batch_size < 1 or chunk_size < 1:
@@ -278,7 +278,7 @@ def _extract_images(job: Job, todo: list, bar, done: Callable) -> None:
                     slots.append(j)
                     continue
                 row = int(rows[p])
-                if job.on_corrupt == "fail":
+                if job.on_corrupt == OnCorrupt.FAIL:
                     job.dataset.image(row)  # raises the real error here, in the main process
                     raise ImageReadError(job.dataset.image_key(row), err)  # it read fine just now: a race
                 log.warning("skipping unreadable image: %s", err)

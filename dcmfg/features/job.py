@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from dcmfg.data.base import CrossModalDataset
+from dcmfg.data.captions import group_units
 
 
 def image_units(dataset: CrossModalDataset) -> tuple[np.ndarray, np.ndarray]:
@@ -22,11 +23,7 @@ def image_units(dataset: CrossModalDataset) -> tuple[np.ndarray, np.ndarray]:
     n = len(dataset)
     if dataset.groups is None:
         return np.arange(n), np.arange(n)
-    _, first, inverse = np.unique(np.asarray(dataset.groups), return_index=True, return_inverse=True)
-    order = np.argsort(first, kind="stable")  # images in order of first appearance
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    return first[order], rank[inverse.reshape(-1)]
+    return group_units(dataset.groups)  # images in order of first appearance
 
 
 def chunks(n: int, size: int) -> list[tuple[int, int]]:
