@@ -71,6 +71,18 @@ def test_a_notebook_run_alone_with_its_defaults_is_the_published_chapter():
             assert eval(declared[name]["default"]) == value, f"{nb}: {name} defaults to {declared[name]['default']}, the full study uses {value!r}"
 
 
+def test_the_study_defaults_are_the_full_study_and_the_training_config():
+    # a Study made without a value (a worker, a test, a notebook that does not declare it) has the book's budget
+    from dcmfg.config import TrainConfig
+
+    full = study.load_params(study.resolve_params_path("full"))["common"]
+    defaults = study.Study()
+    shared = [name for name in full if name in study.Study.__dataclass_fields__]
+    assert {"epochs", "patience", "seeds", "synthetic_n"} <= set(shared)
+    assert {name: getattr(defaults, name) for name in shared} == {name: full[name] for name in shared}
+    assert (defaults.epochs, defaults.patience) == (TrainConfig().epochs, TrainConfig().patience)
+
+
 @pytest.mark.slow
 def test_an_unknown_parameter_fails_before_any_work(tmp_path):
     done = subprocess.run([PAPERMILL, str(REPO / "notebooks" / "03-training.ipynb"), str(tmp_path / "out.ipynb"),

@@ -207,13 +207,13 @@ def test_a_typo_in_any_section_fails_before_any_notebook_runs(tmp_path):
 
 
 def test_synthetic_books_carry_a_site_wide_announcement(tmp_path):
-    dest = study._book_config(REPO / "book", study.DataChoice("synthetic", "", True, "no data here"), tmp_path / "c.yml")
+    dest = study.book_config(REPO / "book", study.DataChoice("synthetic", "", True, "no data here"), tmp_path / "c.yml")
     import yaml
 
     cfg = yaml.safe_load(dest.read_text())
     assert "SYNTHETIC" in cfg["sphinx"]["config"]["html_theme_options"]["announcement"]
     assert cfg["execute"]["execute_notebooks"] == "off" and cfg["launch_buttons"]["thebe"] is False
-    real = yaml.safe_load(study._book_config(REPO / "book", study.DataChoice("mirflickr25k", "/d", False, "found"),
+    real = yaml.safe_load(study.book_config(REPO / "book", study.DataChoice("mirflickr25k", "/d", False, "found"),
                                              tmp_path / "r.yml").read_text())
     assert "announcement" not in real["sphinx"]["config"]["html_theme_options"]
 
