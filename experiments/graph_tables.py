@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dcmfg.study.tables import format_interval, paired_difference
+from dcmfg.study.stats import format_interval, paired_difference
 
 
 def load(paths: list[str]) -> pd.DataFrame:

@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from dcmfg.study import graphstudy as gs
-from dcmfg.study.tables import paired_difference
+from dcmfg.study import tables
+from dcmfg.study.stats import format_mean_std, mean_std, paired_difference
 
 
 def _frame():
@@ -47,3 +48,24 @@ def test_one_seed_is_not_judged():
     t = gs.paired_against(f[f["seed"] == 0], "DCMFG")
     assert set(t["verdict"]) == {"one seed: no interval"}
     assert gs.helps(t, "DCMFG - layers=0").startswith("cannot be judged")
+
+
+def test_the_benchmark_and_graph_chapters_share_one_interval_table():
+    """headline_pairs (chapter 4) and paired_against (chapter 5) are the same paired table, named for their chapter."""
+    f = _frame().rename(columns={"arm": "model"})
+    reports = [{"model": r["model"], "seed": r["seed"], "summaries": {"cosine": {"map_i2t": r["I->T"], "map_t2i": r["T->I"]}}}
+               for r in f.to_dict("records")]
+    head = tables.headline_pairs(reports, "DCMFG")
+    graph = gs.paired_against(_frame(), "DCMFG")
+    assert list(head.columns) == ["comparison", "distance", "direction", "difference [95% t interval]", "seeds", "verdict"]
+    assert list(graph.columns) == ["comparison", "measure", "difference [95% t interval]", "seeds", "verdict"]
+    assert head["difference [95% t interval]"].tolist() == graph["difference [95% t interval]"].tolist()
+    assert head["verdict"].tolist() == graph["verdict"].tolist() == ["better", "no detectable difference"]
+
+
+def test_mean_std_cells():
+    assert mean_std([0.7]) == "0.7000" and mean_std([0.7, 0.8]) == "0.7500 ± 0.0707"
+    assert format_mean_std(0.75, 0.0707) == "0.7500 ± 0.0707" and format_mean_std(0.75) == "0.7500"
+    counts = pd.DataFrame({"arm": ["a", "a", "b"], "best epoch": [8.0, 12.0, 4.0], "I->T": [0.7, 0.8, 0.5]})
+    t = gs.mean_table(counts, "arm", ["best epoch", "I->T"]).set_index("arm")
+    assert t.loc["a", "best epoch"] == "8, 12" and t.loc["a", "I->T"] == "0.7500 ± 0.0707" and t.loc["b", "I->T"] == "0.5000"

@@ -1,7 +1,7 @@
-"""Does the graph help? The arms, controls and tables of the graph chapter (notebooks/05-graph.ipynb, issue 10).
+"""Does the graph help? The arms, controls and tables of the graph chapter (notebooks/05-graph.ipynb).
 
 A claim that the graph helps needs its control: the same model without the graph, with the same losses and
-budget, trained to convergence, paired over split seeds, with Student-t intervals (`dcmfg.study.tables`). The arms:
+budget, trained to convergence, paired over split seeds, with Student-t intervals (`dcmfg.study.stats`). The arms:
 
 - **DCMFG**: the shipped config, scored with its graph (bank inference);
 - **DCMFG weights, no graph**: the same trained weights scored with `graph.inference=none` (the projections alone);
@@ -19,14 +19,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from dcmfg.study.tables import BETTER, NO_DIFFERENCE, NO_INTERVAL, WORSE, format_interval, mean_std, paired_table
+from dcmfg.engine.evaluate import evaluate
+from dcmfg.study.stats import BETTER, NO_DIFFERENCE, NO_INTERVAL, WORSE, format_interval, mean_std
+from dcmfg.study.tables import interval_table, paired_table
 
 REFERENCE = "DCMFG"
 CONTROLS = [(REFERENCE, "dcmfg", {}), ("layers=0", "dcmfg", {"model.layers": 0}), ("linear, loss-matched", "linear", {})]
-# the relation switches of configs/dcmfg.yaml (issue 10, item 2), each a config change against the shipped default
+# the relation switches of configs/dcmfg.yaml, each a config change against the shipped default
 SWITCHES = {
     "csls": ("CSLS hubness correction", {"graph.hubness": "csls"}),
     "centre": ("modality centring", {"graph.centre": True}),
@@ -42,8 +45,6 @@ DIRECTIONS = ("I->T", "T->I")
 def rescore(report: dict, inference: str) -> dict:
     """A run's selected checkpoint scored on the query split with graph.inference=`inference` (same weights),
     cached in the run folder as evaluate_query_<inference>.json."""
-    from dcmfg.engine.evaluate import evaluate
-
     path = Path(report["run_dir"]) / f"evaluate_query_{inference}.json"
     if path.is_file():
         return json.loads(path.read_text())
@@ -75,12 +76,7 @@ def controls_frame(reports: list[dict]) -> pd.DataFrame:
 
 def paired_against(frame: pd.DataFrame, reference: str, values=DIRECTIONS, arm: str = "arm") -> pd.DataFrame:
     """`reference - other` per other arm and value column, paired over seeds, with the t interval and verdict."""
-    table = paired_table(frame, arm=arm, reference=reference, values=list(values))
-    if table.empty:
-        return table
-    table["difference [95% t interval]"] = [format_interval(r) for r in table.to_dict("records")]
-    return table.rename(columns={"value": "measure", "n": "seeds"})[
-        ["comparison", "measure", "difference [95% t interval]", "seeds", "verdict"]]
+    return interval_table(frame, arm=arm, reference=reference, values=list(values), value_name="measure")
 
 
 def mean_table(frame: pd.DataFrame, by: str, values) -> pd.DataFrame:
@@ -213,8 +209,6 @@ def helps(table: pd.DataFrame, comparison: str) -> str:
 def curves_figure(curves: pd.DataFrame):
     """Validation mAP (mean of both directions) per epoch, one panel per arm, one line per seed, the selected epoch
     marked."""
-    import matplotlib.pyplot as plt
-
     curves = curves.assign(val=(curves["val mAP I->T"] + curves["val mAP T->I"]) / 2)
     arms = list(dict.fromkeys(curves["model"]))
     fig, axes = plt.subplots(1, len(arms), figsize=(4.2 * len(arms), 3.3), squeeze=False, sharey=True)
@@ -234,8 +228,6 @@ def curves_figure(curves: pd.DataFrame):
 
 def k_sweep_figure(frame: pd.DataFrame):
     """Validation mAP and query mutual share against k (mean ± std over seeds)."""
-    import matplotlib.pyplot as plt
-
     f = frame.assign(k=frame["variant"].str.extract(r"(\d+)")[0].astype(int))
     g = f.groupby("k")[["val mAP", "query mutual share"]].agg(["mean", "std"])
     fig, ax = plt.subplots(figsize=(5.6, 3.4))
@@ -289,8 +281,6 @@ def default_variant(cfg, variants: list[tuple[str, dict]]) -> str | None:
 
 def ablation_figure(frame: pd.DataFrame, groups: list[str]):
     """Query mAP@all of each variant, one panel per group and direction, a dot per split seed and the mean."""
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(len(groups), 2, figsize=(10, 2.2 + 1.1 * len(groups) * 1.6), squeeze=False)
     for row, group in zip(axes, groups):
         part = frame[frame["group"] == group]

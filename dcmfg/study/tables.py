@@ -1,53 +1,36 @@
-"""Numbers for tables: mean ± std over seeds, and paired differences with Student-t intervals and computed verdicts.
+"""Tables of the book: run reports, data and features, benchmark metrics, and paired comparisons over split seeds.
 
-A claim that A beats B rests on the per-seed differences A - B (same split file, same seed), not on two separate
-means: `paired_difference` gives their mean, the 95% Student-t interval (critical value for n - 1 degrees of freedom)
-and a verdict word computed from the interval, never typed by hand.
+Each function takes results (run reports, a dataset, feature tensors, metric records) and returns a pandas frame the
+notebooks show with `dcmfg.study.show_table`. The statistics behind the 'mean ± std' cells and the paired
+differences (Student-t intervals, computed verdicts) are `dcmfg.study.stats`; they are re-exported here.
 """
 
 from __future__ import annotations
 
-import math
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
+import torch.nn.functional as F
 
-BETTER, WORSE, NO_DIFFERENCE, NO_INTERVAL = "better", "worse", "no detectable difference", "one seed: no interval"
+from dcmfg.data.splits import load_split
+from dcmfg.fileio import file_sha256
+from dcmfg.metrics import mean_average_precision
+# the statistics stay reachable as `report.<name>` (`from dcmfg.study import tables as report`)
+from dcmfg.study.stats import (BETTER, NO_DIFFERENCE, NO_INTERVAL, WORSE, format_interval,  # noqa: F401
+                               format_mean_std, mean_std, paired_difference, t_critical)
+
+INTERVAL = "difference [95% t interval]"
 
 
-def t_critical(n: int, confidence: float = 0.95) -> float:
-    """Two-sided Student-t critical value for a mean of n paired differences (n - 1 degrees of freedom)."""
-    from scipy.stats import t
-
-    return float(t.ppf(0.5 + confidence / 2, n - 1)) if n > 1 else math.nan
-
-
-def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict:
-    """Per-pair differences a - b (pairs = seeds): mean, std, n, the t interval and the verdict for "a vs b".
-
-    verdict: "better" when the whole interval is above 0, "worse" when below, else "no detectable difference".
-    """
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if a.shape != b.shape:
-        raise ValueError(f"paired values must have the same length, got {a.shape} and {b.shape}")
-    d = a - b
-    n = int(len(d))
-    mean = float(d.mean()) if n else math.nan
-    std = float(d.std(ddof=1)) if n > 1 else math.nan
-    tc = t_critical(n, confidence)
-    half = tc * std / math.sqrt(n) if n > 1 else math.nan
-    lo, hi = mean - half, mean + half
-    if n < 2:
-        verdict = NO_INTERVAL
-    elif lo > 0:
-        verdict = BETTER
-    elif hi < 0:
-        verdict = WORSE
-    else:
-        verdict = NO_DIFFERENCE
-    return {"mean": mean, "std": std, "n": n, "ci_low": lo, "ci_high": hi, "t_crit": tc,
-            "confidence": confidence, "verdict": verdict}
+# ---------------------------------------------------------------------------------------------- paired tables
 
 
 def paired_table(frame: pd.DataFrame, *, arm: str, reference: str, values: Iterable[str], pair: str = "seed",
@@ -72,17 +55,16 @@ def paired_table(frame: pd.DataFrame, *, arm: str, reference: str, values: Itera
     return pd.DataFrame(rows)
 
 
-def format_interval(row) -> str:
-    """'+0.0123 [-0.0040, +0.0286]' for a row (or dict) of `paired_difference`."""
-    if row["n"] < 2 or math.isnan(row["ci_low"]):
-        return f"{row['mean']:+.4f}"
-    return f"{row['mean']:+.4f} [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]"
-
-
-def mean_std(values) -> str:
-    """'0.7006 ± 0.0265' (sample std over seeds), or the single value when there is one."""
-    v = np.asarray(values, dtype=float)
-    return f"{v.mean():.4f} ± {v.std(ddof=1):.4f}" if len(v) > 1 else f"{v.mean():.4f}"
+def interval_table(frame: pd.DataFrame, *, arm: str, reference: str, values: Iterable[str], value_name: str,
+                   group: Sequence[str] = (), confidence: float = 0.95) -> pd.DataFrame:
+    """`paired_table` as the book shows it: comparison, the group columns, the value column (named `value_name`),
+    the difference with its interval ('+0.0123 [-0.0040, +0.0286]'), the number of seeds and the verdict."""
+    table = paired_table(frame, arm=arm, reference=reference, values=values, group=group, confidence=confidence)
+    if table.empty:
+        return table
+    table[INTERVAL] = [format_interval(r) for r in table.to_dict("records")]
+    return table.rename(columns={"value": value_name, "n": "seeds"})[
+        ["comparison", *group, value_name, INTERVAL, "seeds", "verdict"]]
 
 
 # ---------------------------------------------------------------------------------------------- run tables
@@ -155,13 +137,8 @@ def headline_pairs(reports: list[dict], reference: str, confidence: float = 0.95
     frame = pd.DataFrame(rows)
     if frame.empty or reference not in set(frame["model"]):
         return pd.DataFrame()
-    table = paired_table(frame, arm="model", reference=reference, values=["I->T", "T->I"], group=["distance"],
-                         confidence=confidence)
-    if table.empty:
-        return table
-    table["difference [95% t interval]"] = [format_interval(r) for r in table.to_dict("records")]
-    return table.rename(columns={"value": "direction", "n": "seeds"})[
-        ["comparison", "distance", "direction", "difference [95% t interval]", "seeds", "verdict"]]
+    return interval_table(frame, arm="model", reference=reference, values=["I->T", "T->I"], value_name="direction",
+                          group=["distance"], confidence=confidence)
 
 
 # ---------------------------------------------------------------------------------------------- data and features
@@ -180,8 +157,6 @@ def dataset_table(dataset, source: str) -> pd.DataFrame:
 
 def relevance_floor(labels) -> pd.DataFrame:
     """Share of relevant items per query over the whole dataset (the query excluded): a random ranking's precision."""
-    import torch
-
     L = torch.as_tensor(np.asarray(labels), dtype=torch.float32)
     rel = (L @ L.T > 0).float()
     rel.fill_diagonal_(0)
@@ -193,9 +168,6 @@ def relevance_floor(labels) -> pd.DataFrame:
 
 def split_table(paths: dict) -> pd.DataFrame:
     """One row per split file (seed -> path): protocol, part sizes, and the first 16 hex digits of its SHA-256."""
-    from dcmfg.data.splits import load_split
-    from dcmfg.fileio import file_sha256
-
     rows = []
     for seed, path in paths.items():
         sp = load_split(path)
@@ -213,10 +185,6 @@ def feature_table(fs) -> pd.DataFrame:
 def raw_rankings(fs, labels, split) -> pd.DataFrame:
     """mAP@all of the frozen features on their own: image->image, text->text, the raw (unaligned) cross-modal
     rankings when both widths agree, and a random ranking, for the split's query part against its database."""
-    import torch
-
-    from dcmfg.metrics import mean_average_precision
-
     q, db = torch.as_tensor(split["query"]), torch.as_tensor(split["database"])
     L = torch.as_tensor(np.asarray(labels))
     ig, tg = fs.image_global.float(), fs.text_global.float()
@@ -231,9 +199,6 @@ def raw_rankings(fs, labels, split) -> pd.DataFrame:
 
 def raw_similarities(fs, labels, split, n: int = 20000) -> pd.DataFrame:
     """A random sample of query-database cosines of the frozen features, with whether the pair is relevant."""
-    import torch
-    import torch.nn.functional as F
-
     q, db = torch.as_tensor(split["query"]), torch.as_tensor(split["database"])
     L = torch.as_tensor(np.asarray(labels)).float()
     rel = (L[q] @ L[db].T > 0)
@@ -278,14 +243,6 @@ def measured_summary(reports: list[dict]) -> pd.DataFrame:
 
 def environment(repo) -> pd.DataFrame:
     """Python, platform, CPU, memory, GPU, git commit and the dcmfg environment variables of this build."""
-    import os
-    import platform
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import torch
-
     def first(path: str, key: str, cast=str) -> str:
         try:
             for line in Path(path).read_text().splitlines():
@@ -320,9 +277,6 @@ def environment(repo) -> pd.DataFrame:
 
 def package_versions(requirements) -> pd.DataFrame:
     """The pins of requirements.txt with the version installed here."""
-    from importlib import metadata
-    from pathlib import Path
-
     rows = []
     for line in Path(requirements).read_text().splitlines():
         line = line.split("#", 1)[0].strip()
@@ -367,7 +321,7 @@ def reported_table(reported: pd.DataFrame) -> pd.DataFrame:
 
 def measured_table(measured: pd.DataFrame, data: str, backbones: str) -> pd.DataFrame:
     """measured_summary as one row per model and distance, 'mean ± std' per direction, with the data and backbones."""
-    cells = measured.assign(value=[f"{m:.4f}" if np.isnan(sd) else f"{m:.4f} ± {sd:.4f}"
+    cells = measured.assign(value=[format_mean_std(m, None if np.isnan(sd) else sd)
                                    for m, sd in zip(measured["mean"], measured["std"])])
     wide = cells.pivot_table(index=["model", "distance", "bits"], columns="direction", values="value",
                              aggfunc="first", dropna=False).reset_index().dropna(subset=["I->T", "T->I"], how="all")
