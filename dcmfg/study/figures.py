@@ -5,21 +5,20 @@ Notebooks show them with `dcmfg.study.show_figure(fig, caption)`; the caption (w
 
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import seaborn as sns
 
 
 def _sns():
-    import seaborn as sns
-
+    """seaborn with the book's theme, set when a seaborn figure is drawn (it restyles every figure after it)."""
     sns.set_theme(style="whitegrid", context="notebook")
     return sns
 
 
 def label_frequencies(dataset):
     """Items per label (bars) and labels per item (histogram)."""
-    import matplotlib.pyplot as plt
-
     sns = _sns()
     labels = np.asarray(dataset.labels, dtype=np.int64)
     n, c = labels.shape
@@ -36,8 +35,6 @@ def label_frequencies(dataset):
 
 def example_items(dataset, n: int = 8, seed: int = 0, cols: int = 4):
     """A grid of random items: the image with its id, text and labels."""
-    import matplotlib.pyplot as plt
-
     rng = np.random.default_rng(seed)
     show = rng.choice(len(dataset), size=min(n, len(dataset)), replace=False)
     rows = int(np.ceil(len(show) / cols))
@@ -60,17 +57,6 @@ def similarity_densities(frame: pd.DataFrame):
     sns = _sns()
     g = sns.displot(data=frame, x="cosine", hue="relevant", col="pair", kind="kde", common_norm=False, height=3.2,
                     aspect=1.4, facet_kws={"sharex": False})
-    return g.figure
-
-
-def validation_curves(curves: pd.DataFrame, hue: str = "model"):
-    """Validation mAP per epoch (mean over seeds, band = 1 std), one panel per direction."""
-    sns = _sns()
-    long = curves.melt(id_vars=[hue, "seed", "epoch"], value_vars=["val mAP I->T", "val mAP T->I"],
-                       var_name="direction", value_name="mAP")
-    g = sns.relplot(data=long, x="epoch", y="mAP", hue=hue, col="direction", kind="line", errorbar="sd",
-                    height=3.4, aspect=1.3)
-    g.set_titles("{col_name}")
     return g.figure
 
 
@@ -108,8 +94,6 @@ def rank_pr_curves(records: pd.DataFrame):
 
 def hamming_pr_curves(records: pd.DataFrame):
     """Hamming-radius PR curves of the hash codes (one point per radius), or None without hash codes."""
-    import matplotlib.pyplot as plt
-
     sns = _sns()
     h = records[records["metric"].isin(["PR-hamming-P", "PR-hamming-R"])]
     if h.empty:
@@ -126,8 +110,6 @@ def hamming_pr_curves(records: pd.DataFrame):
 
 def reported_vs_measured(points: pd.DataFrame):
     """Reported and measured mAP side by side (points: label, direction, map, source), one panel per direction."""
-    import matplotlib.pyplot as plt
-
     sns = _sns()
     fig, axes = plt.subplots(1, 2, figsize=(13, 0.38 * points["label"].nunique() + 1.5), sharey=True)
     for ax, direction in zip(axes, ["I->T", "T->I"]):
