@@ -84,6 +84,19 @@ def test_label_names_file_fixes_order(jsonl_root):
     (jsonl_root / "label_names.txt").write_text("dog\ncat\ndog\n")
     with pytest.raises(DatasetError, match=r"label_names.txt:3: label 'dog' already listed at line 1"):
         load_dataset("manifest", jsonl_root)
+    (jsonl_root / "label_names.txt").write_bytes(b"dog\ncat\nind\xf6or\n")  # latin-1, not UTF-8
+    with pytest.raises(DatasetError, match=r"label_names.txt:3: not UTF-8 text \(byte 0xf6 at column 4\)"):
+        load_dataset("manifest", jsonl_root)
+
+
+def test_csv_manifest_not_utf8_names_the_line(tmp_path):
+    root = tmp_path / "csv"
+    _images(root)
+    path = _csv(root, "image,text,labels\nimg/a.jpg,a cat,cat\n")
+    path.write_bytes(path.read_bytes() + b"img/b.jpg,a \x93dog\x94,dog\n")  # cp1252 quotes
+    with pytest.raises(DatasetError) as err:
+        load_dataset("manifest", root)
+    assert str(err.value) == f"{path}:3: not UTF-8 text (byte 0x93 at column 13); re-save the file as UTF-8"
 
 
 def test_csv_manifest(tmp_path):
@@ -180,8 +193,8 @@ def test_finding_the_manifest(tmp_path, jsonl_root):
     with pytest.raises(DatasetError, match="lists no items"):
         load_dataset("manifest", tmp_path / "none")
     (tmp_path / "latin").mkdir()
-    (tmp_path / "latin" / "manifest.jsonl").write_bytes(b'{"image": "caf\xe9.jpg"}\n')
-    with pytest.raises(DatasetError, match="not UTF-8"):
+    (tmp_path / "latin" / "manifest.jsonl").write_bytes(b'{"image": "a.jpg"}\n{"image": "caf\xe9.jpg"}\n')
+    with pytest.raises(DatasetError, match=r"latin/manifest\.jsonl:2: not UTF-8 text \(byte 0xe9 at column 15\)"):
         load_dataset("manifest", tmp_path / "latin")
 
 

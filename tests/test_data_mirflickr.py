@@ -117,6 +117,23 @@ def test_raw_missing_parts_name_what_to_add(tmp_path):
         load_dataset("mirflickr25k", tmp_path / "mirflickr" / "meta" / "tags" / "..")
 
 
+def test_raw_tags_not_utf8_name_file_and_line(tmp_path):
+    """A tag file (and an annotation id list) with a byte that is not UTF-8 is one error naming file, line and
+    column: nothing is replaced, so no text changes silently (dcmfg.data.textfiles)."""
+    root = make_raw(tmp_path)
+    tags = root / "mirflickr" / "meta" / "tags" / "tags3.txt"
+    tags.write_bytes(b"sky\ncaf\xe9\nred\n")  # latin-1 'cafe'
+    with pytest.raises(DatasetError) as err:
+        load_dataset("mirflickr25k", root)
+    assert str(err.value) == f"{tags}:2: not UTF-8 text (byte 0xe9 at column 4); re-save the file as UTF-8"
+    tags.write_bytes("sky\ncafé\nred\n".encode())  # the same word in UTF-8 loads
+    assert load_dataset("mirflickr25k", root, tags="all").texts[2] == "sky café red"
+    ann = root / "mirflickr25k_annotations_v080" / "tree.txt"
+    ann.write_bytes(b"5\n6\n\xff7\n")
+    with pytest.raises(DatasetError, match=r"tree\.txt:3: not UTF-8 text \(byte 0xff at column 1\)"):
+        load_dataset("mirflickr25k", root)
+
+
 def test_raw_corrupt_jpeg_fails_at_read_time(tmp_path):
     root = make_raw(tmp_path)
     (root / "mirflickr" / "im1.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")

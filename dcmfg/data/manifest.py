@@ -16,7 +16,9 @@ Label order: first appearance in the manifest, unless a `label_names.txt` beside
 
 The loader never guesses: a missing image, an empty text, an unknown column, an item without labels, a label not in
 label_names.txt, a duplicate image or id, or a malformed line is reported as "<manifest>:<line>: what is wrong";
-all problems are listed at once (up to 20) so a user fixes the file in one pass.
+all problems are listed at once (up to 20) so a user fixes the file in one pass. A byte that is not UTF-8 (in the
+manifest or label_names.txt) stops the load at once with "<file>:<line>: not UTF-8 text (byte 0x.. at column N)":
+nothing is replaced (dcmfg.data.textfiles).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 from .base import CrossModalDataset, DatasetError, LayoutError
 from .captions import CAPTION_MODES, expand_captions
 from .discover import default_root
+from .textfiles import not_utf8
 
 MANIFEST_NAMES = ("manifest.jsonl", "manifest.csv")
 REQUIRED = ("image", "text", "labels")
@@ -68,15 +71,18 @@ def find_manifest(root) -> Path:
 
 def _read_label_names(path: Path) -> list[str]:
     names, seen = [], {}
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            name = line.strip()
-            if not name:
-                continue
-            if name in seen:
-                raise DatasetError(f"{path}:{lineno}: label {name!r} already listed at line {seen[name]}")
-            seen[name] = lineno
-            names.append(name)
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for lineno, line in enumerate(f, 1):
+                name = line.strip()
+                if not name:
+                    continue
+                if name in seen:
+                    raise DatasetError(f"{path}:{lineno}: label {name!r} already listed at line {seen[name]}")
+                seen[name] = lineno
+                names.append(name)
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
     if not names:
         raise DatasetError(f"{path}: lists no label names")
     return names
@@ -241,8 +247,8 @@ def load_manifest(root, captions: str = "first") -> CrossModalDataset:
             caps.append(texts)
             paths.append(image_path)
             item_labels.append(cols)
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path}: not UTF-8 text ({exc})") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
     except csv.Error as exc:
         raise DatasetError(f"{path}: malformed CSV ({exc})") from None
 

@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from .base import CrossModalDataset, DatasetError, LayoutError
+from .textfiles import not_utf8
 
 
 def is_hdf5(path) -> bool:
@@ -216,9 +217,11 @@ def read_word_list(path) -> list[str]:
     """
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise DatasetError(f"{path}: word list not found") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
     if path.suffix.lower() == ".tsv":
         header = lines[0].split("\t")
         if "tag" not in header:

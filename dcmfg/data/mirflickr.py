@@ -4,7 +4,8 @@ Raw layout (docs/data.md): `mirflickr/im<ID>.jpg`, `mirflickr/meta/tags/tags<ID>
 and `mirflickr25k_annotations_v080/<concept>.txt` (1-based ids). Labels are the 24 concepts in alphabetical order;
 `*_r1.txt` and README.txt are ignored. A text is the item's common tags (those in common_tags.txt) joined by spaces
 in file order. The cleaned protocol (default) keeps ids with >= 1 label and >= 1 common tag (20,015 pairs in the
-full release); `cleaned=False` keeps every labelled id (24,581).
+full release); `cleaned=False` keeps every labelled id (24,581). Tag and id files are read as UTF-8: a byte that is
+not is an error naming file and line (dcmfg.data.textfiles), never a replacement character.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from . import matfiles
 from .base import CrossModalDataset, DatasetError, LayoutError
 from .discover import dataset_folder, dirs_near, mat_files
+from .textfiles import not_utf8
 
 CONCEPTS = [
     "animals", "baby", "bird", "car", "clouds", "dog", "female", "flower", "food", "indoor", "lake", "male",
@@ -86,14 +88,17 @@ def detect_layout(root) -> str | None:
 def read_id_list(path: Path, max_id: int | None = None) -> np.ndarray:
     """1-based image ids, one a line (blank lines skipped). A malformed line is an error naming file and line."""
     ids = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
-            s = line.strip()
-            if not s:
-                continue
-            if not s.isdigit() or int(s) < 1 or (max_id is not None and int(s) > max_id):
-                raise DatasetError(f"{path}:{lineno}: malformed line {s!r} (expected a 1-based image id)")
-            ids.append(int(s))
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                s = line.strip()
+                if not s:
+                    continue
+                if not s.isdigit() or int(s) < 1 or (max_id is not None and int(s) > max_id):
+                    raise DatasetError(f"{path}:{lineno}: malformed line {s!r} (expected a 1-based image id)")
+                ids.append(int(s))
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
     return np.asarray(ids, dtype=np.int64)
 
 
@@ -107,11 +112,14 @@ def read_common_tags(path: Path) -> list[str]:
 
 
 def _read_tags(path: Path) -> list[str]:
+    """The tags of one image, one a line (UTF-8: a byte that is not is an error naming file and line)."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
+        with open(path, encoding="utf-8") as f:
             return [t for t in (ln.strip() for ln in f) if t]
     except FileNotFoundError:
         raise LayoutError(f"{path} is missing: the tag file of every labelled image is needed (mirflickr/meta/tags/)") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
 
 
 def _load_raw(root: Path, cleaned: bool, tags: str) -> CrossModalDataset:

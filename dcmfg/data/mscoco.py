@@ -37,6 +37,7 @@ from dcmfg.paths import cache_dir
 from .base import CrossModalDataset, DatasetError, LayoutError
 from .captions import CAPTION_MODES, expand_captions
 from .discover import dataset_folder
+from .textfiles import not_utf8
 
 _YEARS = ("2014", "2017")
 _SPLITS = ("train", "val")
@@ -71,7 +72,9 @@ def _read_json(path: Path, object_hook=None):
             return json.load(f, object_hook=object_hook)
     except FileNotFoundError:
         raise LayoutError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+    except json.JSONDecodeError as exc:
         raise DatasetError(f"{path}: not valid JSON ({exc})") from None
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from . import matfiles
 from .base import CrossModalDataset, DatasetError, LayoutError
 from .discover import dataset_folder, dirs_near, mat_files
+from .textfiles import not_utf8
 
 WORD_LIST_NAMES = ["TagList1k.txt"]
 
@@ -122,22 +123,28 @@ def detect_layout(root) -> str | None:
 def _read_image_list(path: Path) -> list[tuple[str, str]]:
     """(dir, file) of each line `<dir>\\<n>_<flickrid>.jpg` (a longer Windows path keeps its last two parts)."""
     out = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
-            s = line.strip()
-            if not s:
-                continue
-            parts = s.replace("\\", "/").split("/")
-            if len(parts) < 2 or not parts[-1]:
-                raise DatasetError(f"{path}:{lineno}: malformed line {s!r} (expected <dir>\\<n>_<flickrid>.jpg)")
-            out.append((parts[-2], parts[-1]))
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                s = line.strip()
+                if not s:
+                    continue
+                parts = s.replace("\\", "/").split("/")
+                if len(parts) < 2 or not parts[-1]:
+                    raise DatasetError(f"{path}:{lineno}: malformed line {s!r} (expected <dir>\\<n>_<flickrid>.jpg)")
+                out.append((parts[-2], parts[-1]))
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
     return out
 
 
 def _concept_order(base: Path, label_dir: Path) -> list[str]:
     listed = _find_file(base, ["Concepts81.txt"])
     if listed is not None:
-        return [ln.strip() for ln in listed.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        try:
+            return [ln.strip() for ln in listed.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except UnicodeDecodeError:
+            raise not_utf8(listed) from None
     # Concepts81.txt is alphabetical; without it, the Labels_ files sorted by name give the same order.
     return sorted(p.stem[len("Labels_") :] for p in label_dir.glob("Labels_*.txt"))
 

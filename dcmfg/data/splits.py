@@ -26,6 +26,7 @@ from dcmfg.fileio import write_text_atomic
 
 from .base import CrossModalDataset, DatasetError
 from .captions import group_units
+from .textfiles import not_utf8
 
 PROTOCOLS = values(SplitProtocol)
 FORMAT = "dcmfg-split/1"
@@ -230,7 +231,9 @@ def load_split(path, dataset: CrossModalDataset | None = None) -> Split:
         raise DatasetError(f"{path}: split file not found") from None
     except IsADirectoryError:
         raise DatasetError(f"{path}: is a folder, not a split file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+    except json.JSONDecodeError as exc:
         raise DatasetError(f"{path}: not a split file (invalid JSON: {exc})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise DatasetError(f"{path}: not a split file (format {obj.get('format') if isinstance(obj, dict) else None!r}, expected {FORMAT!r})")
