@@ -129,7 +129,7 @@ def test_corrupt_chunk_is_detected_and_rebuilt(reference, encoders, tmp_path, mi
     before = _counts(encoders)
     with caplog.at_level(logging.WARNING, logger="dcmfg.features"):
         again = _extract(ds, encoders, tmp_path / "cache")
-    assert "text-00001.safetensors: sha256 does not match" in caplog.text
+    assert "text-00001.safetensors: damaged (same size, other bytes; sha256 does not match" in caplog.text
     assert _counts(encoders) == (before[0], before[1] + 2)  # only that chunk was re-encoded
     _same(again, reference[1])
     # a chunk that is not even a safetensors file (and its manifest hash made to match) is caught as unreadable
@@ -301,6 +301,27 @@ def test_bad_options_are_refused(reference, encoders, tmp_path):
 
     with pytest.raises(ConfigError, match="on_corrupt"):
         _extract(reference[0], encoders, tmp_path, on_corrupt="ignore")
+
+
+def test_truncated_chunk_is_one_warning_line(reference, encoders, tmp_path, mirflickr_root, caplog):
+    """A chunk cut short on disk (a disk that damages files): re-extracted, and said in exactly one warning line on
+    the "dcmfg.features" logger naming the chunk file and what is wrong with it."""
+    ds = _tiny(mirflickr_root, tmp_path / "data")
+    fs = _extract(ds, encoders, tmp_path / "cache")
+    chunk = Path(fs.meta["cache_dir"]) / "text-00000.safetensors"
+    data = chunk.read_bytes()
+    chunk.write_bytes(data[: len(data) // 2])
+    before = _counts(encoders)
+    with caplog.at_level(logging.INFO, logger="dcmfg.features"):
+        again = _extract(ds, encoders, tmp_path / "cache")
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.name for r in warnings] == ["dcmfg.features"]
+    assert warnings[0].getMessage() == (f"{chunk}: damaged (truncated: {len(data) // 2} of {len(data)} bytes; "
+                                        "sha256 does not match the manifest); extracting it again")
+    assert "\n" not in warnings[0].getMessage()
+    assert _counts(encoders) == (before[0], before[1] + 2)  # that chunk, and only it, was encoded again
+    assert chunk.read_bytes() == data
+    _same(again, reference[1])
 
 
 def test_cli_extract_on_a_manifest(mirflickr_root, tmp_path, capsys):

@@ -13,7 +13,8 @@ load: a file whose size and mtime are as recorded is trusted; otherwise its sha2
 not an extraction); a changed, removed or newly unreadable file gets its chunk re-extracted.
 Every file is written atomically and the manifest is rewritten after each chunk, so an interrupted run resumes at
 the first missing chunk. A chunk whose bytes do not match the manifest, or a manifest made for another key, is
-logged and rebuilt, never used.
+rebuilt, never used, and said in one warning line on the "dcmfg.features" logger (which file, what is wrong with
+it: truncated to how many bytes, not a safetensors file, other bytes).
 """
 
 from __future__ import annotations
@@ -169,25 +170,47 @@ def check_cache(job: Job, manifest: dict, plan: list) -> tuple[dict, list, list[
 
 
 def load_chunk(path: Path, entry: dict, shapes: dict[str, tuple]) -> dict[str, torch.Tensor] | None:
-    """The chunk's tensors if its bytes match the manifest and its shapes are as expected, else None (logged)."""
+    """The chunk's tensors if its bytes match the manifest and its shapes are as expected, else None, said in one
+    warning line: which chunk file, what is wrong with it, and that it is extracted again."""
     if not path.exists():
-        log.warning("%s: listed in the manifest but missing; rebuilding it", path)
+        log.warning("%s: listed in the manifest but missing; extracting it again", path)
         return None
     if file_sha256(path) != entry.get("sha256"):
-        log.warning("%s: sha256 does not match the manifest (corrupt); rebuilding it", path)
+        log.warning("%s: damaged (%s; sha256 does not match the manifest); extracting it again", path, _damage(path))
         return None
     try:
         tensors = load_file(str(path))
     except Exception as exc:  # unreadable despite a matching hash: treat as corrupt
-        log.warning("%s: unreadable (%s); rebuilding it", path, exc)
+        log.warning("%s: unreadable (%s); extracting it again", path, exc)
         return None
     for name, shape in shapes.items():
         got = tuple(tensors[name].shape) if name in tensors else None
         fits = got is not None and len(got) == len(shape) and all(s in (None, g) for s, g in zip(shape, got))
         if not fits:
-            log.warning("%s: tensor %r has shape %s, expected %s; rebuilding it", path, name, got, shape)
+            log.warning("%s: tensor %r has shape %s, expected %s; extracting it again", path, name, got, shape)
             return None
     return tensors
+
+
+def _damage(path: Path) -> str:
+    """What is wrong with a safetensors file whose bytes changed, in words: truncated (its header says how long it
+    should be), longer than its header says, not a safetensors file at all, or the same length with other bytes."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 2 <= n <= size - 8 else None
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        expected = 8 + n + max(ends, default=0)
+    except (OSError, ValueError, TypeError, AttributeError, KeyError, IndexError):
+        expected = None
+    if expected is None:
+        return f"not a safetensors file, {size} bytes" if size else "empty"
+    if size < expected:
+        return f"truncated: {size} of {expected} bytes"
+    if size > expected:
+        return f"{size - expected} bytes more than its header describes"
+    return "same size, other bytes"
 
 
 def stamp(path: Path) -> dict | None:
