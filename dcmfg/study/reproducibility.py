@@ -1,47 +1,34 @@
-"""Same seed, same numbers, and how far they move when only the order of float sums changes (the reproducibility
-appendix, notebooks/11-reproducibility.ipynb).
+"""How far the book's numbers move when only the order of float sums changes, and which of chapter 5's verdicts
+that leaves fragile (the reproducibility appendix, notebooks/11-reproducibility.ipynb).
 
-Two checks:
-
-1. **Bit-exact rerun.** `rerun_check` trains a short run a second time, in a fresh folder, with the config of a run
-   the study cached, and `compare_runs` compares the two number by number: every metric of the query report, every
-   value of the per-epoch log (timings aside), the selected epoch, the graph statistics and every trained weight.
-   CPU training is seeded and float32, so on one machine with the same thread count they agree to the last bit
-   (docs/method.md, section 6).
-2. **Another summation order, nothing else.** Chapter 5's arms trained again with one setting changed that alters
-   the order in which floats are added and nothing else: `train.threads` = 2 instead of the study's 1 (torch splits
-   reductions and matrix products between the threads). Split, seed, data order, budget and every other setting stay
-   the same. Another CPU changes the last bits of sums the same way; the graph's discrete choices (top-k, the mutual
-   test) can turn last-bit differences into other edges, another trajectory and another selected epoch.
-   `spread_frame` pairs each arm's two runs seed by seed, `spread_table` sums that up per arm, and `verdict_table`
-   recomputes chapter 5's paired verdicts (`dcmfg.study.tables.paired_table`) under both and marks the fragile ones.
+Chapter 5's arms are trained again with one run setting changed that alters the order in which floats are added and
+nothing else: `train.threads` = 2 instead of the study's 1 (torch splits reductions and matrix products between the
+threads). Split, seed, data order, budget and every other setting stay the same. Another CPU changes the last bits of
+sums the same way; the graph's discrete choices (top-k, the mutual test) can turn last-bit differences into other
+edges, another trajectory and another selected epoch. `spread_frame` pairs each arm's two runs seed by seed,
+`spread_table` sums that up per arm, and `verdict_table` recomputes chapter 5's paired verdicts
+(`dcmfg.study.tables.paired_table`) under both and marks the fragile ones. What holds without the perturbation (the
+same run twice: the same numbers) is `dcmfg.study.bitexact`.
 
 Frames are `dcmfg.study.graphstudy.controls_frame` frames: one row per (arm, seed) with query mAP@all per direction
-and the selected epoch. Reports are what `dcmfg.study.Study.run` returns.
+and the selected epoch.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from safetensors.torch import load_file
 
-from dcmfg.engine.train import train
+from dcmfg.study.bitexact import bit_identical, rerun_sentence
 from dcmfg.study.graphstudy import CONTROLS, DIRECTIONS, REFERENCE
 from dcmfg.study.tables import NO_INTERVAL, format_interval, paired_table
 
 PERTURBATION = {"train.threads": 2}
 # An interval end this close to zero touches it: one unit of the fourth decimal, the precision the tables show.
 TOUCH = 1e-4
-FRAGILE, STABLE, UNJUDGED = "FRAGILE", "stable", "not judged (one seed: no interval)"
-TIMING_KEYS = ("seconds",)  # per-epoch log values that measure time, not what was computed
-WEIGHTS = Path("best") / "model.safetensors"
+FRAGILE, STABLE, UNJUDGED = "FRAGILE", "stable", "not judged (one seed)"
 
 
 # --------------------------------------------------------------------------------------------- the arms
@@ -53,6 +40,16 @@ def select_arms(labels, controls=CONTROLS) -> list[tuple[str, str, dict]]:
         raise ValueError(f"unknown arm(s) {', '.join(map(repr, unknown))}; chapter 5's arms are: "
                          + ", ".join(known))
     return [known[x] for x in labels]
+
+
+def perturbed_runs(study, arms, seeds, settings: dict) -> list[dict]:
+    """`study.runs(arms, seeds, settings)`, with the runs still missing trained first, one after the other in this
+    process: a run of the perturbation may use more than one thread (train.threads = 2 takes both cores of a
+    2-core machine), and the study's pool, one worker per core, would ask for more threads than there are cores."""
+    for _, model, extra in arms:
+        for seed in seeds:
+            study.run(model, int(seed), {**settings, **extra})
+    return study.runs(arms, seeds=seeds, settings=settings)
 
 
 def run_labels(config, perturbation: dict) -> tuple[str, str]:
@@ -69,117 +66,6 @@ def run_labels(config, perturbation: dict) -> tuple[str, str]:
     name = {k: k.rsplit(".", 1)[-1] for k in perturbation}
     return (", ".join(f"{name[k]}={get(k)}" for k in perturbation),
             ", ".join(f"{name[k]}={v}" for k, v in perturbation.items()))
-
-
-# --------------------------------------------------------------------------------------------- bit-exact rerun
-def flat_numbers(value, prefix: str = "") -> dict[str, float]:
-    """Every number in nested dicts and lists, keyed by its path ('records/3/value'); strings, bools and None are
-    left out (they name things, they are not computed values)."""
-    out: dict[str, float] = {}
-    if isinstance(value, dict):
-        for k, v in value.items():
-            out.update(flat_numbers(v, f"{prefix}/{k}" if prefix else str(k)))
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            out.update(flat_numbers(v, f"{prefix}/{i}" if prefix else str(i)))
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        out[prefix] = float(value)
-    return out
-
-
-def compare_numbers(a: dict[str, float], b: dict[str, float]) -> dict:
-    """How many values two flat number dicts hold, how many are identical (a key on one side only is not, NaN
-    equals NaN) and the largest absolute difference between values present on both sides."""
-    keys = list(dict.fromkeys([*a, *b]))
-    same = sum(1 for k in keys if k in a and k in b and (a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k]))))
-    diffs = [abs(a[k] - b[k]) for k in keys if k in a and k in b and not (math.isnan(a[k]) or math.isnan(b[k]))]
-    return {"values": len(keys), "identical": same, "max |difference|": max(diffs, default=0.0)}
-
-
-def compare_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
-    """compare_numbers for two state dicts, element by element (a tensor on one side only, or of another shape,
-    counts all its elements as not identical)."""
-    total = same = 0
-    largest = 0.0
-    for name in dict.fromkeys([*a, *b]):
-        x, y = a.get(name), b.get(name)
-        if x is None or y is None or x.shape != y.shape:
-            total += max(t.numel() for t in (x, y) if t is not None)
-            continue
-        total += x.numel()
-        same += int((x == y).sum())
-        if x.numel():
-            largest = max(largest, float((x.double() - y.double()).abs().max()))
-    return {"values": total, "identical": same, "max |difference|": largest}
-
-
-def _log(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in history]
-
-
-def compare_runs(first: dict, second: dict, first_weights: dict | None = None, second_weights: dict | None = None):
-    """Two reports of the same config (Study.run's shape: report.json plus `history`) compared number by number.
-
-    One row per part: the query report's metrics, the per-epoch log (timings left out), the selected epoch with its
-    validation mAP and the epochs run, the graph statistics, and the trained weights when given. Columns: values
-    compared, identical, the largest absolute difference and whether the part is bit-identical."""
-    parts = [
-        ("query metrics (every row of the report)", compare_numbers(flat_numbers(first["records"]),
-                                                                    flat_numbers(second["records"]))),
-        ("per-epoch log (losses, validation, graph; timings left out)",
-         compare_numbers(flat_numbers(_log(first.get("history", []))), flat_numbers(_log(second.get("history", []))))),
-        ("selected epoch, its validation mAP, epochs run",
-         compare_numbers(flat_numbers({k: first.get(k) for k in ("best_epoch", "best_val", "epochs_run")}),
-                         flat_numbers({k: second.get(k) for k in ("best_epoch", "best_val", "epochs_run")}))),
-    ]
-    if first.get("graph") or second.get("graph"):
-        parts.append(("graph statistics (bank and queries)", compare_numbers(flat_numbers(first.get("graph") or {}),
-                                                                             flat_numbers(second.get("graph") or {}))))
-    if first_weights is not None and second_weights is not None:
-        parts.append(("trained weights (every element of the selected checkpoint)",
-                      compare_weights(first_weights, second_weights)))
-    rows = [{"compared": name, **c, "bit-identical": c["identical"] == c["values"]} for name, c in parts]
-    return pd.DataFrame(rows)
-
-
-def bit_identical(table: pd.DataFrame) -> bool:
-    """Whether every part of a compare_runs table is identical (and there was something to compare)."""
-    return bool(len(table)) and bool(table["bit-identical"].all()) and int(table["values"].sum()) > 0
-
-
-def read_run(folder) -> dict:
-    """A run folder's report.json with its per-epoch log (metrics.jsonl) as `history` and `run_dir`."""
-    folder = Path(folder)
-    history = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return {**json.loads((folder / "report.json").read_text()), "history": history, "run_dir": str(folder)}
-
-
-def load_weights(run_dir) -> dict[str, torch.Tensor]:
-    """The selected checkpoint's weights of a run folder."""
-    return load_file(str(Path(run_dir) / WEIGHTS))
-
-
-def rerun_check(study, model: str, seed: int, settings: dict | None = None) -> pd.DataFrame:
-    """Train `model` on `seed` with `settings` as the study does (the run is cached), train the same config once
-    more into a fresh temporary folder, and compare the two (compare_runs, weights included)."""
-    first = study.run(model, seed, settings)
-    cfg, _ = study.run_dir(model, seed, settings)
-    with tempfile.TemporaryDirectory(prefix="dcmfg-rerun-") as tmp:
-        out = Path(tmp) / "run"
-        train(cfg, out, data=study.bundle(cfg))
-        return compare_runs(first, read_run(out), load_weights(first["run_dir"]), load_weights(out))
-
-
-def rerun_sentence(table: pd.DataFrame, what: str) -> str:
-    """What the bit-exact rerun showed, computed from its compare_runs table; `what` names the run."""
-    n = int(table["values"].sum())
-    if bit_identical(table):
-        return (f"The same config trained twice on this machine ({what}): all {n:,} numbers compared, trained weights "
-                "included, are identical to the last bit.")
-    bad = table[~table["bit-identical"]]
-    parts = "; ".join(f"{r['compared']}: {r['values'] - r['identical']:,} of {r['values']:,} differ (largest "
-                      f"{r['max |difference|']:.3g})" for r in bad.to_dict("records"))
-    return f"The same config trained twice on this machine ({what}) did NOT give the same numbers: {parts}."
 
 
 # --------------------------------------------------------------------------------------------- the perturbation
@@ -235,19 +121,21 @@ def touches_zero(low: float, high: float, tol: float = TOUCH) -> bool:
     return min(abs(low), abs(high)) <= tol
 
 
-def fragility(a: dict, b: dict, labels=("study", "perturbed"), tol: float = TOUCH) -> str:
-    """The status of one paired verdict measured under two runs (rows of tables.paired_difference): FRAGILE when
-    the verdicts differ or an interval end of either run lies within `tol` of zero, stable otherwise, not judged
-    when a run has no interval (one seed)."""
-    if NO_INTERVAL in (a["verdict"], b["verdict"]):
-        return UNJUDGED
-    why = []
-    if a["verdict"] != b["verdict"]:
-        why.append("the verdict differs")
+def fragility_reasons(a: dict, b: dict, labels=("study", "perturbed"), tol: float = TOUCH) -> list[str]:
+    """Why one paired verdict measured under two runs (rows of tables.paired_difference) is fragile: the verdicts
+    differ, or an end of either run's interval lies within `tol` of zero. Empty: it is not."""
+    why = ["the verdicts differ"] if a["verdict"] != b["verdict"] else []
     for row, label in ((a, labels[0]), (b, labels[1])):
         if touches_zero(row["ci_low"], row["ci_high"], tol):
             why.append(f"the {label} interval ends within {tol:g} of zero")
-    return f"{FRAGILE}: " + "; ".join(why) if why else STABLE
+    return why
+
+
+def fragility(a: dict, b: dict, labels=("study", "perturbed"), tol: float = TOUCH) -> str:
+    """FRAGILE (fragility_reasons gives a reason), stable, or not judged when a run has no interval (one seed)."""
+    if NO_INTERVAL in (a["verdict"], b["verdict"]):
+        return UNJUDGED
+    return FRAGILE if fragility_reasons(a, b, labels, tol) else STABLE
 
 
 def paired_numbers(frame: pd.DataFrame, reference: str = REFERENCE, values=DIRECTIONS) -> pd.DataFrame:
@@ -258,13 +146,16 @@ def paired_numbers(frame: pd.DataFrame, reference: str = REFERENCE, values=DIREC
 def verdict_table(base: pd.DataFrame, perturbed: pd.DataFrame, labels=("study", "perturbed"),
                   reference: str = REFERENCE, values=DIRECTIONS, tol: float = TOUCH) -> pd.DataFrame:
     """Chapter 5's paired verdicts (reference minus each arm) under the study's runs and under the perturbed ones,
-    on the seeds both hold, side by side, with each verdict's status (fragility). When the base frame holds more
-    seeds than that (chapter 5's all), a last column gives the verdict on all of them, as chapter 5 published it."""
+    on the seeds both hold, side by side: per run 'RUN [95% t interval]' and 'RUN verdict', then the status
+    (fragility) and why. When the base frame holds more seeds than that (chapter 5's all), the verdict on all of
+    them comes too, as chapter 5 published it ('RUN, all N seeds ...'), for reference: the status compares the two
+    runs on the same seeds."""
     a, b = labels
     seeds = sorted(set(base["seed"]) & set(perturbed["seed"]))
     published = {}
     if set(base["seed"]) != set(seeds):
-        published = {(r["comparison"], r["value"]): r for r in paired_numbers(base, reference, values).to_dict("records")}
+        published = {(r["comparison"], r["value"]): r
+                     for r in paired_numbers(base, reference, values).to_dict("records")}
     pa = paired_numbers(base[base["seed"].isin(seeds)], reference, values)
     pb = paired_numbers(perturbed[perturbed["seed"].isin(seeds)], reference, values)
     if pa.empty or pb.empty:
@@ -275,25 +166,39 @@ def verdict_table(base: pd.DataFrame, perturbed: pd.DataFrame, labels=("study", 
         q = other.get((r["comparison"], r["value"]))
         if q is None:
             continue
-        rows.append({"comparison": r["comparison"], "measure": r["value"], "seeds": min(r["n"], q["n"]),
-                     f"{a} [95% t interval]": format_interval(r), f"{a} verdict": r["verdict"],
-                     f"{b} [95% t interval]": format_interval(q), f"{b} verdict": q["verdict"],
-                     "status": fragility(r, q, labels, tol)})
+        row = {"comparison": r["comparison"], "measure": r["value"], "seeds": min(r["n"], q["n"])}
+        runs = [(a, r), (b, q)]
         if published:
             full = published[(r["comparison"], r["value"])]
-            rows[-1][f"{a}, all {full['n']} seeds"] = full["verdict"]
+            runs.insert(0, (f"{a}, all {full['n']} seeds", full))
+        for name, x in runs:
+            row[f"{name} [95% t interval]"] = format_interval(x)
+            row[f"{name} verdict"] = x["verdict"]
+        row["status"] = fragility(r, q, labels, tol)
+        row["why"] = "; ".join(fragility_reasons(r, q, labels, tol)) if row["status"] == FRAGILE else ""
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
-def intervals_side_by_side(verdicts: pd.DataFrame, labels=("study", "perturbed")) -> pd.DataFrame:
-    """A verdict_table as the long paired table `dcmfg.study.forest.forest_figure` draws: each comparison twice,
-    once per run, next to each other."""
+def _runs(verdicts: pd.DataFrame) -> list[str]:
+    return [c.removesuffix(" verdict") for c in verdicts.columns if c.endswith(" verdict")]
+
+
+def status_table(verdicts: pd.DataFrame) -> pd.DataFrame:
+    """A verdict_table as the page shows it beside its forest plot: the verdict words of each run and the status."""
+    return verdicts[["comparison", "measure", *[f"{run} verdict" for run in _runs(verdicts)], "status"]]
+
+
+def intervals_side_by_side(verdicts: pd.DataFrame) -> pd.DataFrame:
+    """A verdict_table as the long paired table `dcmfg.study.forest` draws: each comparison once per run (chapter
+    5's own on all seeds first when present), next to each other."""
     rows = []
     for r in verdicts.to_dict("records"):
-        for label in labels:
-            rows.append({"comparison": f"{r['comparison']}, {label}", "measure": r["measure"],
-                         "difference [95% t interval]": r[f"{label} [95% t interval]"],
-                         "seeds": r["seeds"], "verdict": r[f"{label} verdict"]})
+        for run in _runs(verdicts):
+            rows.append({"comparison": f"{r['comparison']}, {run}", "measure": r["measure"],
+                         "difference [95% t interval]": r[f"{run} [95% t interval]"],
+                         "seeds": int(run.rsplit(" ", 2)[-2]) if run.endswith(" seeds") else r["seeds"],
+                         "verdict": r[f"{run} verdict"]})
     return pd.DataFrame(rows)
 
 
@@ -330,33 +235,71 @@ def shift_figure(spread: pd.DataFrame, labels=("study", "perturbed"), values=DIR
     return fig
 
 
+def shift_text(x: float, signed: bool = False) -> str:
+    """A difference as the prose and tables show it: '0' when exactly zero, four decimals from 0.0001 up, else one
+    significant digit ('3e-06'): a last-bit move is not shown as a change of 0.0000."""
+    if x == 0:
+        return "0"
+    if abs(x) >= 5e-5:
+        return f"{x:+.4f}" if signed else f"{x:.4f}"
+    return f"{x:+.0e}" if signed else f"{x:.0e}"
+
+
+def shown(frame: pd.DataFrame) -> pd.DataFrame:
+    """A spread_frame or spread_table with its difference columns as shift_text (signed, the largest unsigned)."""
+    out = frame.copy()
+    for col in out.columns:
+        if col.endswith("|difference|"):
+            out[col] = [shift_text(x) for x in out[col]]
+        elif col.endswith("difference"):
+            out[col] = [shift_text(x, signed=True) for x in out[col]]
+    return out
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed" + ("" if n == 1 else "s")
+
+
+def _moves(r: dict, values) -> str:
+    return (" and ".join(f"{shift_text(r[f'{v} max |difference|'])} ({v})" for v in values)
+            + " on one seed, the mean by "
+            + " and ".join(shift_text(r[f"{v} mean difference"], signed=True) for v in values)
+            + f"; its selected epoch changed on {r['best epoch changed']} {'seed' if r['seeds'] == 1 else 'seeds'}")
+
+
+def _fragile_sentence(verdicts: pd.DataFrame, labels, detail: bool) -> str:
+    a, b = labels
+    judged = verdicts[verdicts["status"] != UNJUDGED]
+    fragile = verdicts[verdicts["status"] == FRAGILE]
+    if judged.empty:
+        return "No paired verdict could be judged for fragility: one seed gives no interval."
+    if fragile.empty:
+        return (f"None of the {len(judged)} paired verdicts recomputed is fragile: each is the same under {a} and {b}, "
+                f"and no interval ends within {TOUCH:g} of zero.")
+    if detail:
+        named = "; ".join(f"{r['comparison']}, {r['measure']} ({a}: {r[f'{a} verdict']} {r[f'{a} [95% t interval]']}; "
+                          f"{b}: {r[f'{b} verdict']} {r[f'{b} [95% t interval]']}: {r['why']})"
+                          for r in fragile.to_dict("records"))
+    else:
+        named = "; ".join(f"{r['comparison']}, {r['measure']}" for r in fragile.to_dict("records"))
+    rest = len(judged) - len(fragile)
+    return (f"{len(fragile)} of the {len(judged)} paired verdicts recomputed are FRAGILE: {named}."
+            + (f" The other {rest} hold under both runs." if rest else ""))
+
+
 def spread_sentences(summary: pd.DataFrame, verdicts: pd.DataFrame, labels=("study", "perturbed"),
                      not_rerun=(), values=DIRECTIONS) -> str:
     """The perturbation's result in words, every number and status computed from spread_table and verdict_table."""
     a, b = labels
     lines = []
-    for r in summary.to_dict("records"):
-        moves = ", ".join(f"{v} by {r[f'{v} mean difference']:+.4f} on the mean and at most "
-                          f"{r[f'{v} max |difference|']:.4f} on one seed" for v in values)
-        lines.append(f"{r['arm']} ({b} against {a}, {r['seeds']} seeds): query mAP@all moved {moves}; the selected "
-                     f"epoch changed on {r['best epoch changed']} seeds, and {r['seeds unchanged']} seeds gave the "
-                     "same numbers.")
+    if not summary.empty:
+        n = int(summary["seeds"].max())
+        lines.append(f"With {b} instead of {a}, nothing else changed ({_seeds(n)}), query mAP@all moved as follows.")
+        lines += [f"{r['arm']}: by up to {_moves(r, values)}." for r in summary.to_dict("records")]
     if not_rerun:
-        lines.append(f"Not trained again (their runs as the study ran them): {', '.join(not_rerun)}.")
+        lines.append(f"Not trained again (the study's runs enter both sides): {', '.join(not_rerun)}.")
     if not verdicts.empty:
-        fragile = verdicts[verdicts["status"].str.startswith(FRAGILE)]
-        judged = verdicts[verdicts["status"] != UNJUDGED]
-        if judged.empty:
-            lines.append("No verdict could be judged: one seed gives no interval.")
-        elif fragile.empty:
-            lines.append(f"Every one of the {len(judged)} paired verdicts recomputed under {b} is the same as under "
-                         f"{a}, and no interval ends within {TOUCH:g} of zero: none is fragile.")
-        else:
-            lines.append(f"{len(fragile)} of the {len(judged)} paired verdicts recomputed under {b} are FRAGILE: "
-                         + "; ".join(f"{r['comparison']}, {r['measure']} ({a}: {r[f'{a} verdict']} "
-                                     f"{r[f'{a} [95% t interval]']}; {b}: {r[f'{b} verdict']} "
-                                     f"{r[f'{b} [95% t interval]']})" for r in fragile.to_dict("records"))
-                         + f". The other {len(judged) - len(fragile)} hold under both.")
+        lines.append(_fragile_sentence(verdicts, labels, detail=True))
     return "\n".join(lines)
 
 
@@ -365,32 +308,28 @@ def closing_note(rerun: pd.DataFrame, what: str, summary: pd.DataFrame, verdicts
     """The appendix's conclusion on reproducibility: the rerun's result and the perturbation's spread quoted, every
     number and word computed from the tables above it."""
     a, b = labels
-    exact = bit_identical(rerun)
-    lines = [("Same seed, same numbers holds on one machine at one thread count: " if exact else
-              "Same seed, same numbers did NOT hold on this machine: ") + rerun_sentence(rerun, what)]
+    n = int(rerun["values"].sum())
+    if bit_identical(rerun):
+        lines = [f"Same seed, same numbers holds on one machine: the same run ({what}) trained twice gave the same "
+                 f"{n:,} numbers, trained weights included, to the last bit."]
+    else:
+        lines = ["Same seed, same numbers did NOT hold on this machine: " + rerun_sentence(rerun, what)]
     if not summary.empty:
-        moves = "; ".join(f"{r['arm']} by up to " + " and ".join(f"{r[f'{v} max |difference|']:.4f} ({v})" for v in values)
-                          + f", its selected epoch changed on {r['best epoch changed']} seeds"
-                          for r in summary.to_dict("records"))
-        still = all(r[f"{v} max |difference|"] == 0 for r in summary.to_dict("records") for v in values) and all(
-            r["best epoch changed"].startswith("0 ") for r in summary.to_dict("records"))
+        records = summary.to_dict("records")
+        still = all(r[f"{v} max |difference|"] == 0 for r in records for v in values) and all(
+            r["best epoch changed"].startswith("0 ") for r in records)
         if still:
-            lines.append(f"It also held with {b} instead of {a}: no arm's query mAP@all or selected epoch moved on any "
-                         "seed.")
+            lines.append(f"It also held with {b} instead of {a}: no arm's query mAP@all or selected epoch moved.")
         else:
-            lines.append(f"It does not hold across summation orders: with {b} instead of {a} (nothing else changed) "
-                         f"query mAP@all moved per seed: {moves}. Another CPU changes the last bits of float sums in "
-                         "the same way, so numbers from another machine are expected to differ by about this much.")
+            def largest(r):
+                return max(r[f"{v} max |difference|"] for v in values)
+
+            first, *rest = sorted(records, key=largest, reverse=True)
+            others = (f"; the other arms by at most {shift_text(largest(rest[0]))} ({rest[0]['arm']})" if rest else "")
+            lines.append(f"It does not hold across summation orders. With {b} instead of {a}, nothing else changed, "
+                         f"the query mAP@all of {first['arm']} moved by up to {_moves(first, values)}{others}. "
+                         "Another CPU changes the last bits of float sums in the same way, so numbers rebuilt on "
+                         "another machine can be expected to differ by about as much.")
     if not verdicts.empty:
-        judged = verdicts[verdicts["status"] != UNJUDGED]
-        fragile = verdicts[verdicts["status"].str.startswith(FRAGILE)]
-        if judged.empty:
-            lines.append("No paired verdict could be judged for fragility (one seed: no interval).")
-        elif fragile.empty:
-            lines.append(f"None of the {len(judged)} paired verdicts recomputed is fragile: each is the same under both "
-                         f"runs and no interval ends within {TOUCH:g} of zero.")
-        else:
-            lines.append(f"{len(fragile)} of the {len(judged)} paired verdicts recomputed are FRAGILE (read them as not "
-                         "settled by these seeds): " + "; ".join(f"{r['comparison']}, {r['measure']}"
-                                                                 for r in fragile.to_dict("records")) + ".")
+        lines.append(_fragile_sentence(verdicts, labels, detail=False))
     return "\n".join(lines)
