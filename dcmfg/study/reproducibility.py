@@ -207,6 +207,7 @@ def shift_figure(spread: pd.DataFrame, labels=("study", "perturbed"), values=DIR
     seed (hollow where the selected epoch changed), zero marked."""
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
 
     a, b = labels
     arms = list(dict.fromkeys(spread["arm"]))
@@ -222,8 +223,11 @@ def shift_figure(spread: pd.DataFrame, labels=("study", "perturbed"), values=DIR
         ax.axvline(0.0, color="black", lw=1.0, ls="--", zorder=0)
         span = float(np.nanmax(np.abs(spread[f"{v} difference"].to_numpy(dtype=float)), initial=0.0))
         span = span if span > 0 else 1e-4
-        ax.set_xlim(-1.2 * span, 1.2 * span)
+        ax.set_xlim(-1.2 * span, 1.2 * span)  # zero in the middle, each direction on its own scale
+        ax.xaxis.set_major_locator(MaxNLocator(5, symmetric=True))
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 3))
         ax.set_yticks(range(len(arms)), list(reversed(arms)), fontsize=9)
+        ax.set_ylim(-0.6, len(arms) - 0.4)
         ax.set_title(f"{v}: {b} minus {a}", fontsize=10)
         ax.set_xlabel("query mAP@all difference", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
