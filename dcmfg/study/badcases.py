@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Callable
 
 from dcmfg.data import load_dataset
+from dcmfg.fileio import file_sha256
 
-from .badharness import Case, Outcome, Workspace, last_line
+from .badharness import STALE_IDS, Case, Outcome, Workspace, copy_mirflickr, last_line
 
 
 def _help(ws: Workspace) -> Outcome:
@@ -197,7 +198,8 @@ def _ctrl_c(ws: Workspace) -> Outcome:
     mb = sum(f.stat().st_size for p in temp for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()) / 1e6
     left = "no temporary files left" if not temp else f"left {', '.join(p.name for p in temp)} ({mb:.1f} MB)"
     state = out / "last" / "state.json"
-    resumable = f"last/ holds epoch {json.loads(state.read_text())['loop']['epoch']}" if state.is_file() else "no last/ checkpoint"
+    resumable = (f"last/ holds epoch {json.loads(state.read_text())['loop']['epoch']}" if state.is_file()
+                 else "no last/ checkpoint")
     note = f"{'SIGINT after the first epoch' if sent else 'finished before the signal'}; {left}; {resumable}"
     return Outcome(argv, proc.returncode, log_out.read_text(), log_err.read_text(), seconds, note)
 
@@ -226,6 +228,112 @@ def _stale(kind: str):
     return run
 
 
+def _temp_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if ".tmp" in p.name) if folder.is_dir() else []
+
+
+def _without_bars(o: Outcome) -> Outcome:
+    """Drop tqdm's progress bar from stderr (`features extract` always draws one), so that the stderr column counts
+    what the command says."""
+    o.stderr = "\n".join(line for line in o.stderr.splitlines() if not _BAR.match(line))
+    return o
+
+
+_BAR = re.compile(r"^features \S+: +\d+%\|")
+
+
+def _not_run(ws: Workspace, args: tuple, why: str) -> Outcome:
+    return Outcome(ws.command(*args), 0, "", "", 0.0, note=why, shows=f"(not run here: {why})")
+
+
+def _chunk_damaged(ws: Workspace) -> Outcome:
+    """A feature chunk cut in half on disk, then `features extract` again: the chunk is rebuilt, and said."""
+    root, cache = ws.pristine_stale("chunk-damaged")
+    chunk = next(cache.glob("*/text-00000.safetensors"))
+    data = chunk.read_bytes()
+    chunk.write_bytes(data[: len(data) // 2])
+    o = _without_bars(ws.dcmfg("features", "extract", "--dataset", "mirflickr25k", "--root", root, "--cache-root", cache))
+    if o.returncode == 0:
+        o.shows = last_line(o.stderr) or last_line(o.stdout)
+    rebuilt = "the same bytes as before" if chunk.read_bytes() == data else "other bytes than before"
+    o.note = f"{chunk.name} cut to {len(data) // 2} of {len(data)} bytes; extracted again: {rebuilt}"
+    return o
+
+
+def _tags_not_utf8(ws: Workspace) -> Outcome:
+    """A tag file with a Latin-1 byte (a tag typed on another system), then `data info`."""
+    root = copy_mirflickr(ws.source, ws.tmp / "data" / "latin1-tags", STALE_IDS)
+    path = root / "mirflickr" / "meta" / "tags" / "tags2.txt"
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:1] + [b"caf\xe9\n"] + lines[1:]))  # 'cafe' with e-acute in Latin-1
+    return ws.dcmfg("data", "info", root, note=f"{path.name}: line 2 is 'caf\\xe9' (Latin-1), the other lines UTF-8")
+
+
+def _features_disk_full(ws: Workspace) -> Outcome:
+    """`features extract` into a cache on a 96 kB tmpfs: room for the first chunk of 4 images, not the second."""
+    root, _ = ws.pristine_stale("disk-full-features")
+    with ws.tiny_disk("disk-features", "96k") as disk:
+        args = ("features", "extract", "--dataset", "mirflickr25k", "--root", root, "--cache-root",
+                ws.tmp / "disk-features" / "features", "--chunk-size", "4")
+        if disk is None:
+            return _not_run(ws, args, "mounting a tmpfs needs root")
+        o = _without_bars(ws.dcmfg(*args))
+        folder = next((disk / "features").iterdir(), None)
+        listed = folder / "manifest.json" if folder is not None else None
+        chunks = json.loads(listed.read_text())["chunks"] if listed is not None and listed.is_file() else {}
+        kept = [name for name, e in chunks.items() if file_sha256(folder / name) == e["sha256"]]
+        temp = _temp_files(disk)
+    kept_note = f"kept {', '.join(kept)} (in the manifest, bytes as recorded)" if kept else "no chunk kept"
+    o.note = f"{kept_note}; {'no temporary file left' if not temp else 'left ' + ', '.join(temp)}"
+    return o
+
+
+def _two_writers(ws: Workspace) -> Outcome:
+    """A second `dcmfg train` into the --out of a training that is running (a user who launches twice)."""
+    ws.run()  # features extracted already: both commands go straight to training
+    out = ws.tmp / "runs" / "two-writers"
+    args = ws.train("train.epochs=500", "train.patience=500", out=out)
+    log_out, log_err = ws.tmp / "two-writers.out", ws.tmp / "two-writers.err"
+    with open(log_out, "w") as fo, open(log_err, "w") as fe:
+        first = subprocess.Popen(ws.command(*args), cwd=ws.tmp, env=ws.env, stdout=fo, stderr=fe,
+                                 start_new_session=True, preexec_fn=_sigint_as_in_a_terminal)
+        t0 = time.perf_counter()
+        metrics = out / "metrics.jsonl"
+        while first.poll() is None and time.perf_counter() - t0 < ws.timeout:
+            if metrics.is_file() and metrics.read_text().strip():
+                break
+            time.sleep(0.05)
+        o = ws.dcmfg(*args, timeout=120)  # the second: the same command, while the first trains
+        still = first.poll() is None
+        if still:
+            os.killpg(first.pid, signal.SIGINT)
+        try:
+            first.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    named = f"names the first run's pid ({first.pid})" if f"pid {first.pid}" in o.stderr else "names no pid"
+    o.note = (f"{named}; the first run {'went on training' if still else 'had ended'} and stopped at SIGINT "
+              f"with exit code {first.returncode}")
+    return o
+
+
+def _checkpoint_disk_full(ws: Workspace) -> Outcome:
+    """`dcmfg train` whose run folder is on a 2 MB tmpfs: the disk fills while a checkpoint is written."""
+    ws.run()  # the features come from the cache (not on the tmpfs): the disk fills while the run writes
+    with ws.tiny_disk("disk-run", "2m") as disk:
+        out = ws.tmp / "disk-run" / "run"
+        args = ws.run_args(out)
+        if disk is None:
+            return _not_run(ws, tuple(args), "mounting a tmpfs needs root")
+        o = ws.dcmfg(*args)
+        temp = _temp_files(disk)
+        left = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    o.note = (f"run folder holds {', '.join(left) or 'nothing'}; "
+              f"{'no temporary file left' if not temp else 'left ' + ', '.join(temp)}")
+    return o
+
+
 CASES: dict[str, Case] = {c.name: c for c in [
     Case("image-replaced", "an image replaced by another photo after extraction; features extract again",
          _stale("replaced")),
@@ -248,4 +356,11 @@ CASES: dict[str, Case] = {c.name: c for c in [
     Case("manifest-dotdot", "a manifest line whose image is ../outside.jpg", _manifest_dotdot),
     Case("missing-folder", "data info on a dataset folder that does not exist", _missing_folder),
     Case("help", "dcmfg --help", _help),
+    Case("chunk-damaged", "a feature chunk of the cache cut in half; features extract again", _chunk_damaged),
+    Case("tags-not-utf8", "a tag file with a Latin-1 byte; data info", _tags_not_utf8),
+    Case("disk-full-features", "features extract into a cache on a 96 kB tmpfs (full after one chunk)",
+         _features_disk_full),
+    Case("two-writers", "a second train into the --out of a training still running", _two_writers),
+    Case("disk-full-checkpoint", "train into a run folder on a 2 MB tmpfs (full while a checkpoint is written)",
+         _checkpoint_disk_full),
 ]}

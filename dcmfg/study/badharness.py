@@ -7,16 +7,18 @@ Features, runs and copies live in the temporary folder (the backbone weights are
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pandas as pd
 
@@ -55,6 +57,7 @@ class Workspace:
         self._split: Path | None = None
         self._run: Path | None = None
         self._stale: Path | None = None
+        self._stale_cache: Path | None = None
         cache = tmp / "cache"
         cache.mkdir()
         weights = cache_dir() / "weights"  # converted backbone weights: reused, not converted again
@@ -70,14 +73,16 @@ class Workspace:
     def command(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "dcmfg.cli", *map(str, args)]
 
-    def dcmfg(self, *args: str, note: str = "") -> Outcome:
+    def dcmfg(self, *args: str, note: str = "", timeout: float | None = None) -> Outcome:
+        """Run `dcmfg ARGS` as a user would (at most `timeout` seconds, default the workspace's)."""
         argv = self.command(*args)
+        timeout = self.timeout if timeout is None else timeout
         t0 = time.perf_counter()
         try:
-            p = subprocess.run(argv, cwd=self.tmp, env=self.env, capture_output=True, text=True, timeout=self.timeout)
+            p = subprocess.run(argv, cwd=self.tmp, env=self.env, capture_output=True, text=True, timeout=timeout)
             rc, out, err = p.returncode, p.stdout, p.stderr
         except subprocess.TimeoutExpired as exc:
-            rc, out, err = -9, _text(exc.stdout), _text(exc.stderr) + f"\n(timed out after {self.timeout:.0f} s)"
+            rc, out, err = -9, _text(exc.stdout), _text(exc.stderr) + f"\n(timed out after {timeout:.0f} s)"
         return Outcome(argv, rc, out, err, time.perf_counter() - t0, note)
 
     def setup(self, *args: str) -> Outcome:
@@ -114,7 +119,38 @@ class Workspace:
             self._stale = copy_mirflickr(self.source, self.tmp / "data" / "stale", STALE_IDS)
             self.setup_seconds += time.perf_counter() - t0
             self.setup("features", "extract", "--dataset", "mirflickr25k", "--root", self._stale)  # the first extraction
+            key = load_dataset("mirflickr25k", self._stale).fingerprint()
+            features = self.tmp / "cache" / "features"
+            made = next(d for d in features.iterdir() if key in (d / "manifest.json").read_text())
+            self._stale_cache = self.tmp / "pristine" / "features"
+            shutil.copytree(made, self._stale_cache / made.name)  # as extracted, before any case spoils it
         return self._stale
+
+    def pristine_stale(self, name: str) -> tuple[Path, Path]:
+        """A fresh copy of the stale set (the original images, their mtimes kept) and a copy of its features cache
+        as first extracted: (dataset root, --cache-root). For cases that damage the cache, not the images."""
+        self.stale_data()
+        t0 = time.perf_counter()
+        root = copy_mirflickr(self.source, self.tmp / "data" / name, STALE_IDS)
+        cache = self.tmp / "caches" / name
+        shutil.copytree(self._stale_cache, cache)
+        self.setup_seconds += time.perf_counter() - t0
+        return root, cache
+
+    @contextlib.contextmanager
+    def tiny_disk(self, name: str, size: str) -> Iterator[Path | None]:
+        """A tmpfs of `size` (e.g. "96k") mounted at $TMP/<name> for the block, or None where mounting is not
+        allowed (it needs root): a real full disk, not a simulated one."""
+        mnt = self.tmp / name
+        mnt.mkdir(parents=True)
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True)
+        if r.returncode != 0:
+            yield None
+            return
+        try:
+            yield mnt
+        finally:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
     def split(self) -> Path:
         """A valid seeded split of the small copy (made with the Python API), the base of the edited ones."""
@@ -234,7 +270,7 @@ def run_table(registry: dict[str, Case], cases=None, source=None, ids: int = 60,
     tmp.mkdir(parents=True, exist_ok=True)
     ws = Workspace(tmp, source, ids, timeout)
     paths = {str(tmp.resolve()): "$TMP", str(tmp): "$TMP", str(source.resolve()): "$DATA", str(source): "$DATA",
-             sys.executable: "python", str(Path.home()): "~"}
+             sys.executable: "python", str(Path.home()): "~", f" on {socket.gethostname()}": " on $HOST"}
     rows = []
     try:
         for name in names:
