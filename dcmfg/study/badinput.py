@@ -1,4 +1,4 @@
-"""Bad input, tried for real: what a user sees when a file, a folder or an argument is wrong (issue 12).
+"""Bad input, tried for real: what a user sees when a file, a folder, an argument or the disk is wrong.
 
 Each case is a corrupted copy of a real MIRFlickr-25K folder (raw layout) or a bad argument, run through the
 `dcmfg` command in a subprocess with this Python, in a temporary folder, as a user would run it. `run_cases()`
