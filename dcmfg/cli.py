@@ -1,7 +1,9 @@
 """The `dcmfg` command. Thin: it defines every command's arguments and imports the module that runs a command only
-when that command runs, so `dcmfg --help` and argument errors answer without importing torch.
+when that command runs, so `dcmfg --help` and argument errors answer without importing torch (what it imports at
+the top, config and data loaders included, imports no torch).
 
-Exit codes: 0 done, 2 a user error (one line naming the file, option or value), 130 interrupted (Ctrl-C).
+Exit codes: 0 done, 2 a user error or a failed write (one line naming the file, option or value: a bad config, a run
+folder another process is writing into, a full disk), 130 interrupted (Ctrl-C).
 Several processes or GPUs: `torchrun --nproc_per_node=N -m dcmfg.cli features extract|train|evaluate ...` shares the
 extraction (by cache chunk), training (DDP) and evaluation (by query chunk) out across the N processes.
 """
@@ -13,6 +15,10 @@ import importlib
 import sys
 
 from dcmfg.choices import Against, Distance, EvalSplit, OnCorrupt, values
+from dcmfg.config import load_config
+from dcmfg.data.cli import register as register_data
+from dcmfg.device import check_device_spec
+from dcmfg.errors import Interrupted, is_user_error
 
 DEVICE_HELP = "auto (CUDA when present, else CPU; default), cpu, cuda or cuda:N"
 
@@ -47,6 +53,8 @@ def _add_train(sub) -> None:
     p.add_argument("--device", default=None, help=DEVICE_HELP + "; default: the config's train.device")
     p.add_argument("--no-resume", action="store_true", help="do not resume OUT/last (refused if OUT holds a run)")
     p.add_argument("--overwrite", action="store_true", help="replace the run in OUT (checkpoints, metrics, report)")
+    p.add_argument("--wait", action="store_true",
+                   help="if another process is writing into OUT, wait for it to finish (default: stop at once, exit 2)")
     p.set_defaults(handler="dcmfg.engine.train:run_command", needs_config=True)
 
 
@@ -57,6 +65,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--out", default=None, help="report path (default RUN/evaluate_<split>.json)")
     _set_option(p, "eval.distance=hamming or graph.inference=transductive")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--wait", action="store_true",
+                   help="if another process is writing into the run folder, wait for it to finish (default: stop at "
+                        "once, exit 2); only when the report goes into the run folder")
     p.set_defaults(handler="dcmfg.engine.evaluate:run_command")
 
 
@@ -89,8 +100,6 @@ def _add_search(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dcmfg.data.cli import register as register_data  # light: no torch
-
     parser = argparse.ArgumentParser(
         prog="dcmfg", description="Cross-modal image-text retrieval with mutual-kNN dynamic graph networks (DCMFG)."
     )
@@ -103,20 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _precheck(args) -> None:
     """Checks that need no torch, before the command's module is imported: config files and values, devices."""
-    from dcmfg.device import check_device_spec
-
     if getattr(args, "device", None):
         check_device_spec(args.device)
     if getattr(args, "needs_config", False):
-        from dcmfg.config import load_config
-
         load_config(args.config, args.overrides)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from dcmfg.errors import Interrupted, is_user_error
-
     try:
         _precheck(args)
         if hasattr(args, "handler"):

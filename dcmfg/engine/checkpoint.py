@@ -8,17 +8,32 @@ A run folder (`dcmfg train --out RUN`):
     RUN/best/           the selected checkpoint: model.safetensors, config.json, meta.json
     RUN/last/           the resume point: the same plus optimizer.safetensors, state.json, rng.safetensors
     RUN/report.json     the query split scored with best/
+    RUN/.lock           while a process writes into the folder: its pid and host (`run_lock`)
+
+A run folder has one writer at a time: training (`dcmfg.engine.train.train`) holds `run_lock` for the whole run, and
+an evaluation that writes its report into the folder holds it too; a second writer stops at once naming the holder,
+or waits (`--wait`). The lock is an flock, which the kernel releases when its process dies, so a folder whose writer
+was killed is taken over at once; the pid in the file only names the holder in messages, it never decides.
 
 A checkpoint folder is written beside its final name and swapped in (`_swap_dir`), so some complete checkpoint exists
-at every instant; `X.old` is the previous one while a swap is in flight. Everything loads with safetensors (no pickle).
+at every instant; `X.old` is the previous one while a swap is in flight. A write that fails (a full disk) raises
+`WriteFailed` naming the file, removes what it had begun and leaves the previous checkpoint as it was. Everything
+loads with safetensors (no pickle).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import re
 import shutil
+import socket
+import sys
+import threading
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -26,7 +41,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from dcmfg.config import Config, config_from_json
-from dcmfg.errors import ConfigError, DcmfgError
+from dcmfg.errors import ConfigError, DcmfgError, writing
 from dcmfg.fileio import read_json, save_safetensors_atomic, write_text_atomic
 from dcmfg.models.registry import create_model
 
@@ -36,6 +51,8 @@ RESUME_FREE = {("train", "progress"), ("train", "threads"), ("train", "epochs"),
 
 # What a run folder holds once training wrote to it; `--overwrite` removes exactly these.
 RUN_PRODUCTS = ("best", "best.old", "last", "last.old", "metrics.jsonl", "report.json", "split.json")
+
+RUN_LOCK = ".lock"  # the run folder's lock file (never one of RUN_PRODUCTS: --overwrite runs under the lock)
 
 
 def find_checkpoint(folder: Path) -> Path | None:
@@ -80,24 +97,36 @@ def load_training_state(folder: Path, model, cfg: Config, optimizer, scheduler) 
 
 def save_checkpoint(folder: Path, model, cfg: Config, meta: dict, optimizer=None, scheduler=None, state=None) -> None:
     """Weights (safetensors) + config.json + meta.json, and with an optimiser the full training state:
-    optimizer.safetensors (moments), state.json (param groups, scheduler, loop counters), rng.safetensors."""
+    optimizer.safetensors (moments), state.json (param groups, scheduler, loop counters), rng.safetensors.
+
+    Written into `folder.tmp<pid>` and swapped in whole. A failed write raises `WriteFailed` naming the file (its
+    name inside `folder`), removes the temporary folder and leaves the previous checkpoint in `folder` as it was."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    files = {
+        "model.safetensors": lambda p: save_weights(model, p),
+        "config.json": lambda p: write_text_atomic(p, cfg.to_json() + "\n"),
+        "meta.json": lambda p: write_text_atomic(p, json.dumps(meta, indent=1, sort_keys=True) + "\n"),
+    }
+    if optimizer is not None:
+        osd = optimizer.state_dict()
+        tensors = {f"state/{pid}/{name}": v for pid, st in osd["state"].items() for name, v in st.items()}
+        sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+        files.update({
+            "optimizer.safetensors": lambda p: save_safetensors_atomic(tensors, p),
+            "rng.safetensors": lambda p: save_safetensors_atomic({"torch_cpu": torch.get_rng_state()}, p),
+            "state.json": lambda p: write_text_atomic(p, json.dumps(
+                {"param_groups": osd["param_groups"], "scheduler": sched, "loop": state}, indent=1) + "\n"),
+        })
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        save_weights(model, tmp / "model.safetensors")
-        write_text_atomic(tmp / "config.json", cfg.to_json() + "\n")
-        write_text_atomic(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        if optimizer is not None:
-            osd = optimizer.state_dict()
-            tensors = {f"state/{pid}/{name}": v for pid, st in osd["state"].items() for name, v in st.items()}
-            save_safetensors_atomic(tensors, tmp / "optimizer.safetensors")
-            save_safetensors_atomic({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
-            sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-            write_text_atomic(tmp / "state.json", json.dumps(
-                {"param_groups": osd["param_groups"], "scheduler": sched, "loop": state}, indent=1) + "\n")
-        _swap_dir(tmp, folder)
+        with writing(folder):
+            tmp.mkdir(parents=True)
+        for name, write in files.items():
+            with writing(folder / name, also=(SafetensorError,)):  # safetensors reports I/O errors as its own
+                write(tmp / name)
+        with writing(folder):
+            _swap_dir(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful swap; removed after a failure
 
@@ -105,14 +134,19 @@ def save_checkpoint(folder: Path, model, cfg: Config, meta: dict, optimizer=None
 def _swap_dir(tmp: Path, final: Path) -> None:
     """Replace folder `final` by `tmp` so that some complete checkpoint exists at every instant."""
     old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
     if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
         os.replace(final, old)
-    os.replace(tmp, final)
+    # else a swap was killed between its two renames: `old` is the one complete checkpoint until `tmp` is in
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if old.exists() and not final.exists():
+            os.replace(old, final)  # the previous checkpoint back under its name
+        raise
     if old.exists():
         shutil.rmtree(old)
-
 
 
 def load_checkpoint_model(path, device="cpu") -> tuple[torch.nn.Module, Config, dict]:
@@ -146,6 +180,98 @@ def run_folder(checkpoint_dir) -> Path:
     path = Path(checkpoint_dir)
     return path.parent if path.name in ("best", "last") else path
 
+
+
+class RunLocked(DcmfgError):
+    """Another process is writing into this run folder (it holds the folder's lock)."""
+
+
+_HELD: dict[Path, list] = {}  # run folders this process holds: resolved path -> [thread id, depth] (re-entrant)
+_TEMPS = re.compile(r"^(best|last)\.tmp\d+$|^\..+\.tmp$")  # what save_checkpoint and the atomic writers leave
+
+
+@contextlib.contextmanager
+def run_lock(folder, *, wait: bool = False) -> Iterator[Path]:
+    """Hold the run folder's lock (`RUN/.lock`, created with the folder if needed) for the block.
+
+    Another holder makes it raise `RunLocked` at once, naming the folder and the holder's pid and host, or with
+    `wait` block until the holder is done (one line on stderr says so). Re-entrant within one thread (a study that
+    trains and then records the run under one lock). On entry the temporary files a killed writer left behind are
+    removed: with the lock held no one else writes here. On exit the lock file is removed."""
+    folder = Path(folder)
+    key = folder.resolve()
+    held = _HELD.get(key)
+    if held is not None and held[0] == threading.get_ident():
+        held[1] += 1
+        try:
+            yield folder
+        finally:
+            held[1] -= 1
+        return
+    with writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    path = folder / RUN_LOCK
+    fd = _acquire(path, folder, wait)
+    _HELD[key] = [threading.get_ident(), 1]
+    try:
+        _remove_stale_temps(folder)
+        yield folder
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(OSError):  # remove our lock file only: never one a later holder made
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                os.unlink(path)
+        os.close(fd)  # releases the flock
+
+
+def _acquire(path: Path, folder: Path, wait: bool) -> int:
+    """An open, flocked descriptor of the lock file now at `path`, with this process's pid and host written in."""
+    told = False
+    while True:
+        with writing(path):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = lock_holder(path)
+                if not wait:
+                    raise RunLocked(f"run folder {folder} is locked by {holder}, which is writing into it; "
+                                    f"pass --wait to wait until it is done, or use another folder") from None
+                if not told:
+                    print(f"dcmfg: run folder {folder} is locked by {holder}; waiting for it (--wait)",
+                          file=sys.stderr, flush=True)
+                    told = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            # the holder we waited for removes its lock file as it lets go: we may hold a file no longer at `path`
+            try:
+                current = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                with writing(path):
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+def lock_holder(path: Path) -> str:
+    """`pid N on HOST` as the lock file at `path` names its holder (`another process` while it is being written)."""
+    try:
+        pid, host = Path(path).read_text().split()
+        return f"pid {int(pid)} on {host}"
+    except (OSError, ValueError):
+        return "another process"
+
+
+def _remove_stale_temps(folder: Path) -> None:
+    for p in folder.iterdir():
+        if _TEMPS.match(p.name):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def save_weights(model: nn.Module, path) -> None:

@@ -3,7 +3,8 @@
 `load_data(cfg, run_dir)` reads the dataset the config names, the run's split and the backbone features (extracted
 on first use under the config's `features` settings, then cached). A run folder keeps its own copy of the split it
 was trained on (`RUN/split.json`; its sha256 goes into the checkpoint's meta.json), and every later use of the run
-reads that copy: rewriting the split file the config named cannot change what an old run is scored on.
+reads that copy: rewriting the split file the config named cannot change what an old run is scored on. The copy is
+written whole or not at all (a failed write is one `WriteFailed` naming it). Splits and their protocols: docs/data.md.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ import numpy as np
 import torch
 
 from dcmfg.config import Config
-from dcmfg.errors import ConfigError
-from dcmfg.fileio import file_sha256
+from dcmfg.data import load_dataset
+from dcmfg.data.splits import load_split, make_split, save_split, split_to_json
+from dcmfg.errors import ConfigError, writing
+from dcmfg.features import extract_features
+from dcmfg.fileio import atomic_path, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +57,6 @@ class DataBundle:
 
 def load_dataset_of(cfg: Config):
     """The dataset the config names (data.name, data.root, data.options)."""
-    from dcmfg.data import load_dataset
-
     d = cfg.data
     if d.name != "synthetic" and d.root is None:
         raise ConfigError(f"data.root is not set for dataset {d.name!r}; pass --set data.root=PATH")
@@ -69,8 +71,6 @@ def resolve_split(cfg: Config, dataset, run_dir: Path | None = None, *, write: b
       and sizes (saved into the run folder).
     `write=False` (a DDP rank other than 0, a read-only use) never writes into the run folder.
     """
-    from dcmfg.data.splits import load_split, make_split, save_split, split_to_json
-
     d = cfg.data
     own = Path(run_dir) / RUN_SPLIT if run_dir is not None else None
     notes = []
@@ -83,20 +83,19 @@ def resolve_split(cfg: Config, dataset, run_dir: Path | None = None, *, write: b
     if d.split:
         split = load_split(d.split, dataset)
         if own is not None and write:
-            own.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(d.split, own)  # the bytes as given: the sha256 then names the same file
+            with writing(own), atomic_path(own) as tmp:
+                shutil.copyfile(d.split, tmp)  # the bytes as given: the sha256 then names the same file
         return split, file_sha256(d.split), notes
     split = make_split(dataset, protocol=d.protocol, query=d.query, train=d.train, val=d.val, seed=cfg.seed)
     if own is not None and write:
-        save_split(split, own)
+        with writing(own):
+            save_split(split, own)
     # save_split writes exactly split_to_json: the same sha256 whether or not a file was written
     return split, hashlib.sha256(split_to_json(split).encode()).hexdigest(), notes
 
 
 def load_features(cfg: Config, dataset, device="cpu"):
     """The backbone features of every item under cfg.features (from the cache, or extracted and cached)."""
-    from dcmfg.features import extract_features
-
     return extract_features(dataset, cfg.features, device=str(device), progress=cfg.train.progress)
 
 

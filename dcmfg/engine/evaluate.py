@@ -1,27 +1,35 @@
-"""Retrieval evaluation (method.md section 6): embed the bank once, the database and queries against it, score.
+"""Retrieval evaluation (docs/method.md, section 6; the metrics: docs/metrics.md): embed the bank once, the database
+and queries against it, score.
 
 `evaluate(checkpoint_dir, split="query") -> dict` is the Python API; `dcmfg evaluate --checkpoint RUN --split query`
 the command. Both write a JSON report, `RUN/evaluate_<split>.json` unless told otherwise (train's own
-`report.json` is never overwritten). A run is always scored on the split copy it keeps in its folder.
+`report.json` is never overwritten). A run is always scored on the split copy it keeps in its folder. An evaluation
+that writes into the run folder holds the folder's lock meanwhile (`dcmfg.engine.checkpoint.run_lock`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from dcmfg.engine.data import DataBundle, load_data, take
+from dcmfg.choices import Distance, EvalSplit, Fallback, Inference, Relation
+from dcmfg.distributed import env_rank, gather_blocks, init_from_env, rank_world, shard_chunks
+from dcmfg.engine.data import DataBundle, load_data, take, word_limit
 from dcmfg.data.captions import group_representatives
 from dcmfg.config import Config, apply_overrides, config_from_dict
-from dcmfg.errors import ConfigError
-from dcmfg.engine.checkpoint import load_checkpoint_model, run_folder
+from dcmfg.errors import ConfigError, writing
+from dcmfg.engine.checkpoint import load_checkpoint_model, run_folder, run_lock
 from dcmfg.fileio import jsonable, write_json_atomic
+from dcmfg.graph.mutual import mutual_knn_edges
+from dcmfg.graph.stats import inference_report
 from dcmfg.modality import IMAGE, TEXT
 
-# What every report holds beside mAP@all: mAP@K under both denominators of metrics.md (the literature's `retrieved`
+# What every report holds beside mAP@all: mAP@K under both denominators of docs/metrics.md (the literature's `retrieved`
 # variant included, so a reader sees how much the choice moves a number), P/R/NDCG at the default Ks.
 REPORT_OPTIONS = {"map_k": (None, 50, 100, 500, 1000, 5000), "denominators": ("relevant", "retrieved")}
 
@@ -44,9 +52,6 @@ def embed_parts(model, data: DataBundle, bank_idx, item_idx, device="cpu", *, ch
     {"z", "h"}} on the CPU (with a graph also the per-item graph statistics "mutual", "fallback", "degree"), and
     with `return_bank` the bank too. `inference`: graph.inference (bank, none, smooth; default the model's own).
     """
-    from dcmfg.engine.data import word_limit
-    from dcmfg.distributed import gather_blocks, shard_chunks
-
     model.eval()
     bank_idx, item_idx = np.asarray(bank_idx), np.asarray(item_idx)
     bank = model.build_bank(take(data.feats, bank_idx, device), inference=inference)
@@ -84,12 +89,10 @@ def transductive_refine(zq: torch.Tensor, zdb: torch.Tensor, k: int, temperature
     """Transductive re-ranking (reported separately, never mixed with inductive numbers): one parameter-free
     propagation over the mutual-kNN graph of queries + database; each node becomes the attention-weighted mean
     of itself and its mutual neighbours. Unlike the inductive mode, a query's result depends on the others."""
-    from torch_geometric.utils import scatter, softmax
-
-    from dcmfg.graph import knn as search
+    from torch_geometric.utils import scatter, softmax  # a slow import, needed by transductive runs only
 
     x = F.normalize(torch.cat([zq, zdb]).float(), dim=1)
-    edges = search.mutual_knn_edges(x, k, relation="mutual", fallback="nearest", self_loops=True)
+    edges = mutual_knn_edges(x, k, relation=Relation.MUTUAL, fallback=Fallback.NEAREST, self_loops=True)
     src, dst = edges
     w = softmax((x[src] * x[dst]).sum(1) / temperature, dst, num_nodes=len(x))
     out = scatter(x[src] * w[:, None], dst, dim=0, dim_size=len(x), reduce="sum")
@@ -99,7 +102,7 @@ def transductive_refine(zq: torch.Tensor, zdb: torch.Tensor, k: int, temperature
 
 def codes(e: dict, distance: str) -> torch.Tensor:
     """What the metrics rank by: real-valued z for cosine, sign of the tanh code for Hamming."""
-    if distance == "hamming":
+    if distance == Distance.HAMMING:
         if "h" not in e:
             raise ConfigError("eval.distance=hamming but this model has no hash head")
         return torch.where(e["h"] >= 0, 1.0, -1.0)
@@ -107,8 +110,8 @@ def codes(e: dict, distance: str) -> torch.Tensor:
 
 
 def map_pair(q: dict, db: dict, ql, dl, distance: str, chunk_size=None) -> tuple[float, float]:
-    """mAP@all image->text and text->image (metrics.md) for query and database embeddings."""
-    from dcmfg.metrics import mean_average_precision
+    """mAP@all image->text and text->image (docs/metrics.md) for query and database embeddings."""
+    from dcmfg.metrics import mean_average_precision  # with pandas: not needed to load the package
 
     kw = dict(distance=distance, chunk_size=chunk_size)
     i2t = mean_average_precision(codes(q["image"], distance), codes(db["text"], distance), ql, dl, **kw)
@@ -135,15 +138,14 @@ def retrieval_for_split(model, data: DataBundle, cfg: Config, split: str = "quer
     (val split), bank = training set. Both distances when the model has a hash head; the config's is headline.
     `distributed`: under torchrun every rank calls it; the embedding and the metrics are sharded over queries and
     gathered, and every rank returns the single process's report."""
-    import pandas as pd
+    import pandas as pd  # with dcmfg.metrics: not needed to load the package
 
-    from dcmfg.graph.stats import inference_report
     from dcmfg.metrics import report_summary, retrieval_report
 
     train_idx = data.part("train")
-    if split == "query":
+    if split == EvalSplit.QUERY:
         q_idx, db_idx = data.part("query"), data.part("database")
-    elif split == "val":
+    elif split == EvalSplit.VAL:
         q_idx, db_idx = data.part("val"), train_idx
     else:
         raise ConfigError(f"unknown split part {split!r}; use query or val")
@@ -153,26 +155,27 @@ def retrieval_for_split(model, data: DataBundle, cfg: Config, split: str = "quer
     q = {m: {k: v[:nq] for k, v in e.items()} for m, e in emb.items()}
     db = {m: {k: v[nq:] for k, v in e.items()} for m, e in emb.items()}
     ql, dl = data.labels[q_idx], data.labels[db_idx]
-    distances = [cfg.eval.distance] + [d for d in ("cosine", "hamming") if d != cfg.eval.distance and (d == "cosine" or "h" in q["image"])]
+    distances = [cfg.eval.distance] + [d.value for d in Distance
+                                       if d != cfg.eval.distance and (d == Distance.COSINE or "h" in q["image"])]
     groups = getattr(data.dataset, "groups", None)
     # Several captions per image (captions="all"): the image side counts each image once (its group's first row),
     # the text side keeps every caption. Splits are drawn by group, so a query's siblings are never in the database.
     rq = np.arange(len(q_idx)) if groups is None else group_representatives(np.asarray(groups)[q_idx])
     rdb = np.arange(len(db_idx)) if groups is None else group_representatives(np.asarray(groups)[db_idx])
     frames, summaries = [], {}
-    for dist in distances:
-        qi, qt, di, dt = (codes(q["image"], dist), codes(q["text"], dist), codes(db["image"], dist), codes(db["text"], dist))
+    for by in distances:
+        qi, qt, di, dt = codes(q["image"], by), codes(q["text"], by), codes(db["image"], by), codes(db["text"], by)
         if groups is None:
-            df = retrieval_report(qi, qt, di, dt, ql, dl, distance=dist, **REPORT_OPTIONS, chunk_size=cfg.eval.chunk_size,
+            df = retrieval_report(qi, qt, di, dt, ql, dl, distance=by, **REPORT_OPTIONS, chunk_size=cfg.eval.chunk_size,
                                   distributed=distributed)
         else:
-            i2t = retrieval_report(qi[rq], qt[rq], di, dt, ql[rq], dl, distance=dist, **REPORT_OPTIONS,
+            i2t = retrieval_report(qi[rq], qt[rq], di, dt, ql[rq], dl, distance=by, **REPORT_OPTIONS,
                                    chunk_size=cfg.eval.chunk_size, distributed=distributed)
-            t2i = retrieval_report(qi, qt, di[rdb], dt[rdb], ql, dl[rdb], distance=dist, **REPORT_OPTIONS,
+            t2i = retrieval_report(qi, qt, di[rdb], dt[rdb], ql, dl[rdb], distance=by, **REPORT_OPTIONS,
                                    chunk_size=cfg.eval.chunk_size, distributed=distributed)
             df = pd.concat([i2t[i2t["direction"] == "I->T"], t2i[t2i["direction"] == "T->I"]], ignore_index=True)
         frames.append(df)
-        summaries[dist] = {k: jsonable(v) for k, v in report_summary(df).items()}
+        summaries[by] = {k: jsonable(v) for k, v in report_summary(df).items()}
     report = {
         "map_i2t": summaries[cfg.eval.distance]["map_i2t"],
         "map_t2i": summaries[cfg.eval.distance]["map_t2i"],
@@ -193,15 +196,15 @@ def retrieval_for_split(model, data: DataBundle, cfg: Config, split: str = "quer
         "records": [],
     }
     report["records"] = jsonable(pd.concat(frames, ignore_index=True).astype(object).to_dict("records"))
-    if cfg.graph.inference == "transductive":
+    if cfg.graph.inference == Inference.TRANSDUCTIVE:
         # Separate, clearly named numbers: queries and database propagated together.
         from dcmfg.metrics import mean_average_precision
 
         zq_i, zdb_t = transductive_refine(q["image"]["z"], db["text"]["z"], cfg.graph.k)
         zq_t, zdb_i = transductive_refine(q["text"]["z"], db["image"]["z"], cfg.graph.k)
         report["transductive"] = {
-            "map_i2t": float(mean_average_precision(zq_i, zdb_t, ql, dl, distance="cosine")),
-            "map_t2i": float(mean_average_precision(zq_t, zdb_i, ql, dl, distance="cosine")),
+            "map_i2t": float(mean_average_precision(zq_i, zdb_t, ql, dl, distance=Distance.COSINE)),
+            "map_t2i": float(mean_average_precision(zq_t, zdb_i, ql, dl, distance=Distance.COSINE)),
             "note": "transductive re-ranking: one propagation over the mutual-kNN graph of queries + database",
         }
     return report
@@ -227,10 +230,23 @@ def load_run(checkpoint_dir, overrides=(), device="cpu") -> tuple[torch.nn.Modul
     return model, cfg, meta, data
 
 
-def evaluate(checkpoint_dir, split: str = "query", out: str | Path | None = None, overrides=(), device="cpu") -> dict:
-    """Evaluate a trained checkpoint on a split part (query | val); writes and returns the JSON report."""
-    from dcmfg.distributed import init_from_env, rank_world
+def evaluate(checkpoint_dir, split: str = "query", out: str | Path | None = None, overrides=(), device="cpu", *,
+             wait: bool = False) -> dict:
+    """Evaluate a trained checkpoint on a split part (query | val); writes and returns the JSON report.
 
+    A report written into the run folder (the default, `RUN/evaluate_<split>.json`) makes the evaluation one of the
+    folder's writers: it holds the folder's lock throughout, so it stops at once (`RunLocked`) while a training
+    writes there, or with `wait` waits for it."""
+    run = run_folder(checkpoint_dir)
+    # not report.json: that one is train's own record (best epoch, validation score) and stays as written
+    out = Path(out) if out else run / f"evaluate_{split}.json"
+    into_run = run.is_dir() and run.resolve() in out.resolve().parents
+    # under torchrun rank 0 holds the lock for all ranks, as in training
+    with run_lock(run, wait=wait) if into_run and env_rank() == 0 else contextlib.nullcontext():
+        return _evaluate(checkpoint_dir, split, out, overrides, device)
+
+
+def _evaluate(checkpoint_dir, split: str, out: Path, overrides, device) -> dict:
     dev, started = init_from_env(device)  # under torchrun: sharded over queries, rank 0 writes the report
     try:
         rank, world = rank_world()
@@ -239,28 +255,23 @@ def evaluate(checkpoint_dir, split: str = "query", out: str | Path | None = None
             report = retrieval_for_split(model, data, cfg, split, dev, distributed=world > 1)
     finally:
         if started:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
     report["config"] = cfg.to_dict()
     report["checkpoint"] = str(checkpoint_dir)
     report["epoch"] = meta.get("epoch")
     report["split_sha256"] = data.split_sha256
     report["notes"] = list(data.notes)
-    # not report.json: that one is train's own record (best epoch, validation score) and stays as written
-    out = Path(out) if out else run_folder(checkpoint_dir) / f"evaluate_{split}.json"
     if rank == 0:
-        write_json_atomic(out, report)
+        with writing(out):
+            write_json_atomic(out, report)
     report["path"] = str(out)
     return report
 
 
 def run_command(args) -> int:
     """`dcmfg evaluate` (the arguments are defined in dcmfg/cli.py)."""
-    import os
-
-    rep = evaluate(args.checkpoint, args.split, args.out, args.overrides, args.device)
-    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: one report, from rank 0
+    rep = evaluate(args.checkpoint, args.split, args.out, args.overrides, args.device, wait=args.wait)
+    if env_rank() != 0:  # torchrun: one report, from rank 0
         return 0
     for note in rep["notes"]:
         print(f"note: {note}")

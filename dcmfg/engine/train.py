@@ -1,26 +1,26 @@
 """Training, as named steps: set-up, data, model and optimiser, resume, one epoch, validate-and-select, finish.
 
 Python API: `train(config, out_dir) -> RunResult`. Command: `dcmfg train --config configs/dcmfg.yaml --set a.b=c
---out runs/x`; distributed: `torchrun --nproc_per_node=N -m dcmfg.engine.train --config ... --out ...`.
+--out runs/x [--wait]`; distributed: `torchrun --nproc_per_node=N -m dcmfg.engine.train --config ... --out ...`.
 
 AdamW with a linear warm-up and cosine decay (transformers' schedule), model selection and early stopping on the
 validation split only, checkpoints with exact resume (weights, optimiser, schedule, RNG), seeded determinism on CPU,
 DistributedDataParallel, mixed precision on CUDA behind `train.amp`.
 
-Run folder: split.json (the run's own copy of its split), metrics.jsonl (one JSON line per epoch), best/ (selected
-weights), last/ (weights + optimiser + scheduler + RNG state for resume), report.json (query split, best/).
+Run folder (its layout, lock and checkpoint format: dcmfg.engine.checkpoint): split.json (the run's own copy of its
+split), metrics.jsonl (one JSON line per epoch), best/ (selected weights), last/ (weights + optimiser + scheduler +
+RNG state for resume), report.json (query split, best/). A run holds the folder's lock from start to end: a second
+writer stops at once or waits. A failed write (a full disk) stops the run with one line naming the file; the last
+good checkpoint stays as it was, and the same command resumes from it. The objective: docs/method.md.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,16 +28,23 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from dcmfg.engine.data import DataBundle, load_data, resolve_split, take, word_limit
 from dcmfg.config import Config, config_digest, config_from_dict, load_config
-from dcmfg.errors import ConfigError, DcmfgError, Interrupted
-from dcmfg.engine.checkpoint import RUN_PRODUCTS, find_checkpoint, load_training_state, load_weights, save_checkpoint
+from dcmfg.choices import EvalSplit
+from dcmfg.distributed import batch_gather, env_rank, init_from_env, rank_world
+from dcmfg.errors import ConfigError, DcmfgError, Interrupted, WriteFailed, writing
+from dcmfg.engine.checkpoint import (RUN_PRODUCTS, find_checkpoint, load_training_state, load_weights, run_lock,
+                                     save_checkpoint)
+from dcmfg.engine.interrupts import interrupts_deferred
 from dcmfg.engine.evaluate import retrieval_for_split, validation_scores
 from dcmfg.fileio import read_json, write_json_atomic, write_text_atomic
-from dcmfg.graph.batch import NonFiniteFeatures
+from dcmfg.graph import NonFiniteFeatures
 from dcmfg.engine.losses import total_loss
 from dcmfg.models.registry import create_model
+from dcmfg.paths import cache_dir
+
 
 class TrainingDiverged(DcmfgError):
     """The loss became NaN/inf: stop, keep the last good checkpoint, tell the user what to change."""
@@ -109,43 +116,27 @@ class Loop:
 # ---------------------------------------------------------------------------------------------- step 1: set-up
 
 
-def setup(cfg: Config, out_dir, *, resume: bool, overwrite: bool) -> Session:
-    """Devices and processes, and the run folder: refuse to replace a run's results unless told to."""
-    out = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
+def setup(cfg: Config, out: Path, *, resume: bool, overwrite: bool) -> Session:
+    """Devices and processes, and the run folder (its lock already held): refuse to replace a run's results unless
+    told to."""
     if overwrite:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if env_rank() == 0:
             for name in RUN_PRODUCTS:
                 path = out / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+                with writing(path):
+                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     elif not resume and any((out / name).exists() for name in ("report.json", "last", "best")):
         what = "a finished run (report.json)" if (out / "report.json").exists() else "checkpoints of a run"
         raise ConfigError(f"{out} holds {what}; pass --overwrite to replace it, or resume it without --no-resume")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    rank, world, device = _dist_setup(cfg.train.device)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+    device, _ = init_from_env(cfg.train.device)  # run_command ends the group
+    rank, world = rank_world()
     return Session(cfg, out, rank, world, device)
 
 
 def default_run_dir(cfg: Config) -> Path:
-    from dcmfg.paths import cache_dir
-
     return cache_dir() / "runs" / f"{cfg.model.name}-seed{cfg.seed}-{config_digest(cfg)}"
-
-
-def _dist_setup(device: str) -> tuple[int, int, torch.device]:
-    from dcmfg.device import resolve_device
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    dev = resolve_device(device)
-    if dev.type == "cuda" and world > 1:
-        dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
-        torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return rank, world, dev
 
 
 # ---------------------------------------------------------------------------------------------- step 2: data
@@ -171,7 +162,7 @@ def _with_run_split(s: Session, data: DataBundle) -> DataBundle:
 
 def build(s: Session, data: DataBundle) -> Trainer:
     """The model (initial weights depend on the seed only), AdamW and the warm-up + cosine schedule."""
-    from transformers.optimization import get_cosine_schedule_with_warmup
+    from transformers.optimization import get_cosine_schedule_with_warmup  # a slow import, needed to train only
 
     cfg, tc = s.cfg, s.cfg.train
     train_idx = data.part("train")
@@ -233,7 +224,8 @@ def _trim_jsonl(path: Path, epochs_done: int) -> list[dict]:
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r.get("epoch", 0) <= epochs_done]  # record epochs are 1-based
-    write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    with writing(path):
+        write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     return rows
 
 
@@ -242,8 +234,6 @@ def _trim_jsonl(path: Path, epochs_done: int) -> list[dict]:
 
 def run_epoch(s: Session, t: Trainer, data: DataBundle, loop: Loop) -> dict:
     """One pass over the training split; returns the epoch's mean loss terms (and graph statistics)."""
-    from tqdm.auto import tqdm
-
     cfg, tc, epoch = s.cfg, s.cfg.train, loop.epoch
     train_idx = data.part("train")
     labels = data.labels.to(s.device)
@@ -260,7 +250,7 @@ def run_epoch(s: Session, t: Trainer, data: DataBundle, loop: Loop) -> dict:
         if s.world > 1:
             shards = np.array_split(idx, s.world)
             local = shards[s.rank]
-            gather = _gather_fn([len(x) for x in shards], s.rank)
+            gather = batch_gather([len(x) for x in shards], s.rank)
         batch = take(data.feats, local, s.device, words=word_limit(data.feats, idx))  # same width on every rank
         try:
             with amp:
@@ -286,47 +276,17 @@ def run_epoch(s: Session, t: Trainer, data: DataBundle, loop: Loop) -> dict:
 
 
 def _diverged(s: Session, loop: Loop, parts: dict, note: str, value: float):
-    last = find_checkpoint(s.out / "last")
-    where = (f"{last} (after epoch {read_json(last / 'state.json')['loop']['epoch']})" if last
-             else "none yet (it failed in the first epoch)")
     raise TrainingDiverged(
         f"loss became {value} at epoch {loop.epoch + 1}, step {loop.step + 1} "
         f"(terms: {', '.join(f'{k}={v:.4g}' for k, v in parts.items())}){note}; training stopped. "
-        f"Last good checkpoint: {where}. Lower train.lr or check the features."
+        f"Last good checkpoint: {_last_good(s)}. Lower train.lr or check the features."
     )
 
 
-class _GatherShards(torch.autograd.Function):
-    """All ranks' shards of a batch, concatenated in rank order, with gradients.
-
-    Every rank then computes the same graph and the same loss L on the whole batch, so dL/d(gathered) is equal on
-    all ranks; scaling the local slice by the world size makes DDP's gradient average equal the single-process
-    gradient (the projection heads of each shard get dL/dtheta from every rank's copy of the loss).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, sizes: list[int], rank: int):
-        world = len(sizes)
-        m = max(sizes)
-        pad = torch.zeros((m - len(x),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-        buf = [torch.empty((m,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device) for _ in range(world)]
-        dist.all_gather(buf, torch.cat([x, pad]).contiguous())
-        ctx.sizes, ctx.rank = sizes, rank
-        return torch.cat([b[:s] for b, s in zip(buf, sizes)])
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        start = sum(ctx.sizes[: ctx.rank])
-        return g[start : start + ctx.sizes[ctx.rank]] * len(ctx.sizes), None, None
-
-
-def _gather_fn(sizes: list[int], rank: int):
-    def gather(x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bool:
-            return _GatherShards.apply(x.to(torch.uint8), sizes, rank).bool()
-        return _GatherShards.apply(x, sizes, rank)
-
-    return gather
+def _last_good(s: Session) -> str:
+    last = find_checkpoint(s.out / "last")
+    return (f"{last} (after epoch {read_json(last / 'state.json')['loop']['epoch']})" if last
+            else "none yet (none is written before the first validated epoch)")
 
 
 # ---------------------------------------------------------------------------------------------- step 6: validate
@@ -351,14 +311,19 @@ def validate_and_select(s: Session, t: Trainer, data: DataBundle, loop: Loop, te
               "best_epoch": loop.best_epoch, "seconds": round(seconds, 3)}
     if s.main:
         meta = {**t.meta, "epoch": loop.epoch, **val}
-        with _interrupts_deferred():  # a checkpoint and its metrics line are written whole or not at all
-            if improved:
-                save_checkpoint(s.out / "best", t.model, s.cfg, meta)
-            _log_epoch(s.out / "metrics.jsonl", record, fresh=loop.epoch == 1)
-            # the resume point at validated epochs only (the last epoch is one): writing it cost ~5% of a run, and a
-            # resumed run replays the epochs after it exactly (everything random derives from seed and epoch)
-            if due:
-                save_checkpoint(s.out / "last", t.model, s.cfg, meta, t.optimizer, t.scheduler, vars(loop))
+        try:
+            with interrupts_deferred():  # a checkpoint and its metrics line are written whole or not at all
+                if improved:
+                    save_checkpoint(s.out / "best", t.model, s.cfg, meta)
+                _log_epoch(s.out / "metrics.jsonl", record, fresh=loop.epoch == 1)
+                # the resume point at validated epochs only (the last epoch is one): a resumed run replays the
+                # epochs after it exactly (everything random derives from seed and epoch)
+                if due:
+                    save_checkpoint(s.out / "last", t.model, s.cfg, meta, t.optimizer, t.scheduler, vars(loop))
+        except WriteFailed as exc:
+            again = "resume" if find_checkpoint(s.out / "last") else "start"
+            raise WriteFailed(f"{exc}; training stopped at epoch {epoch}. Last good checkpoint: {_last_good(s)}; "
+                              f"run the same command again to {again} once the disk has room") from exc
         if tc.progress:
             shown = f"  val mAP I->T {val['val_map_i2t']:.4f} T->I {val['val_map_t2i']:.4f}" if due else ""
             print(f"epoch {loop.epoch}: loss {record.get('loss', float('nan')):.4f}{shown}{'  *' if improved else ''}",
@@ -367,31 +332,25 @@ def validate_and_select(s: Session, t: Trainer, data: DataBundle, loop: Loop, te
 
 
 def _log_epoch(path: Path, record: dict, fresh: bool) -> None:
-    """metrics.jsonl: a fresh run replaces the file at its first epoch (not before: nothing is lost early)."""
+    """metrics.jsonl: a fresh run replaces the file at its first epoch (not before: nothing is lost early); later
+    lines are appended whole or not at all (a failed append is cut off again, then raised as WriteFailed)."""
     line = json.dumps(record, sort_keys=True) + "\n"
-    if fresh:
-        write_text_atomic(path, line)
-        return
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-@contextlib.contextmanager
-def _interrupts_deferred():
-    """Hold Ctrl-C until the block has finished (main thread only), then raise it: checkpoints stay whole."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught = []
-    previous = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
+    with writing(path):
+        if fresh:
+            write_text_atomic(path, line)
+            return
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        end = os.fstat(fd).st_size
+        try:
+            data = line.encode("utf-8")
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        except BaseException:
+            os.ftruncate(fd, end)
+            raise
+        finally:
+            os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------- step 7: finish
@@ -405,12 +364,17 @@ def finish(s: Session, t: Trainer, data: DataBundle, loop: Loop) -> dict | None:
         raise DcmfgError(f"{s.out}: no best checkpoint was written (no epoch finished)")
     load_weights(t.model, best / "model.safetensors")
     # every rank scores its share of the queries; rank 0 writes the report
-    report = retrieval_for_split(t.model, data, s.cfg, "query", s.device, distributed=s.world > 1)
+    report = retrieval_for_split(t.model, data, s.cfg, EvalSplit.QUERY, s.device, distributed=s.world > 1)
     if s.main:
         report.update(config=s.cfg.to_dict(), config_digest=t.meta["config_digest"], best_epoch=loop.best_epoch,
                       best_val=loop.best, select_metric=s.cfg.train.select_metric, epochs_run=loop.epoch,
                       checkpoint="best", split_sha256=data.split_sha256)
-        write_json_atomic(s.out / "report.json", report)
+        try:
+            with writing(s.out / "report.json"):
+                write_json_atomic(s.out / "report.json", report)
+        except WriteFailed as exc:
+            raise WriteFailed(f"{exc}; the trained checkpoints in {s.out} are kept: run the same command again to "
+                              f"write the report once the disk has room") from exc
     s.barrier()
     return report if s.main else None
 
@@ -419,15 +383,28 @@ def finish(s: Session, t: Trainer, data: DataBundle, loop: Loop) -> dict | None:
 
 
 def train(config: Config | dict | str | Path, out_dir: str | Path | None = None, *, resume: bool = True,
-          overwrite: bool = False, data: DataBundle | None = None) -> RunResult:
+          overwrite: bool = False, data: DataBundle | None = None, wait: bool = False) -> RunResult:
     """Train a model by the config; resumes from `out_dir/last` when present; ends by evaluating the selected
-    checkpoint on the query split (report.json). `data` lets a caller reuse loaded features."""
+    checkpoint on the query split (report.json). `data` lets a caller reuse loaded features.
+
+    The run holds the folder's lock throughout (`dcmfg.engine.checkpoint.run_lock`; under torchrun rank 0 holds it
+    for all ranks): another process writing into the folder makes it raise `RunLocked` at once, or with `wait`
+    wait for that process to finish."""
     cfg = _as_config(config)
+    out = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
+    if env_rank() != 0:
+        return _train_locked(cfg, out, resume=resume, overwrite=overwrite, data=data)
+    with run_lock(out, wait=wait):
+        return _train_locked(cfg, out, resume=resume, overwrite=overwrite, data=data)
+
+
+def _train_locked(cfg: Config, out: Path, *, resume: bool, overwrite: bool, data: DataBundle | None) -> RunResult:
+    """`train` once the run folder is this process's."""
     # Multi-threaded CPU scatter/index kernels add in a varying order; the deterministic variants make the same
-    # seed give the same numbers to the last bit (measured: without it, epoch losses differ at 1e-7).
+    # seed give the same numbers to the last bit (without them, epoch losses differ in the last digits).
     previous, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     torch.use_deterministic_algorithms(True, warn_only=True)
-    s = setup(cfg, out_dir, resume=resume, overwrite=overwrite)
+    s = setup(cfg, out, resume=resume, overwrite=overwrite)
     loop = Loop()
     try:
         data = load_run_data(s) if data is None else _with_run_split(s, data)
@@ -478,7 +455,7 @@ def run_command(args) -> int:
     overrides = list(args.overrides) + ([f"train.device={args.device}"] if getattr(args, "device", None) else [])
     cfg = load_config(args.config, overrides)
     try:
-        res = train(cfg, args.out, resume=not args.no_resume, overwrite=args.overwrite)
+        res = train(cfg, args.out, resume=not args.no_resume, overwrite=args.overwrite, wait=args.wait)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -492,7 +469,7 @@ def run_command(args) -> int:
 
 def main(argv=None) -> int:
     """`python -m dcmfg.engine.train` / `torchrun -m dcmfg.engine.train`: the same as `dcmfg train` (and `-m dcmfg.cli train`)."""
-    from dcmfg.cli import main as cli_main
+    from dcmfg.cli import main as cli_main  # the command layer sits above the engine
 
     return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
