@@ -23,6 +23,7 @@ import yaml
 from dcmfg.errors import ConfigError, DcmfgError
 from dcmfg.fileio import write_text_atomic
 from dcmfg.paths import cache_dir
+from dcmfg.study.page import tag_injected_parameters
 from dcmfg.study.params import load_params, notebook_parameters, resolve_params_path
 from dcmfg.study.repo import notebook_names, repo_dir
 from dcmfg.study.study import DataChoice, resolve_dataset
@@ -102,6 +103,7 @@ def run_notebooks(params: dict, out_dir: Path, notebooks: list[str] | None = Non
             raise DcmfgError(
                 f"{path}: cell {exc.exec_count} failed with {exc.ename}: {exc.evalue} (partial output kept in {tmp})"
             ) from None
+        tag_injected_parameters(tmp)  # the page header shows what papermill injected: its cell leaves the page
         os.replace(tmp, out)  # an earlier good output is replaced only by a complete one
         dt = time.perf_counter() - t0
         log(f"[study] {nb}: done in {dt:.1f} s")
