@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from dcmfg.choices import SplitProtocol, values
+from dcmfg.errors import writing
 from dcmfg.fileio import write_text_atomic
 
 from .base import CrossModalDataset, DatasetError
@@ -213,8 +214,11 @@ def split_to_json(split: Split) -> str:
 
 
 def save_split(split: Split, path) -> Path:
+    """Write the split file atomically. A write the disk refuses (full, read-only, a folder in the way) is one
+    `WriteFailed` naming the file and the OS error; a file already at `path` is left as it was."""
     path = Path(path)
-    write_text_atomic(path, split_to_json(split))
+    with writing(path):
+        write_text_atomic(path, split_to_json(split))
     return path
 
 

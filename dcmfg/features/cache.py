@@ -15,6 +15,9 @@ Every file is written atomically and the manifest is rewritten after each chunk,
 the first missing chunk. A chunk whose bytes do not match the manifest, or a manifest made for another key, is
 rebuilt, never used, and said in one warning line on the "dcmfg.features" logger (which file, what is wrong with
 it: truncated to how many bytes, not a safetensors file, other bytes).
+A write the disk refuses (full, read-only, over quota) stops the extraction with one `WriteFailed` naming the file
+and the OS error (the CLI's one line, exit 2); no temporary file is left and the chunks already written stay listed
+in the manifest, so the next run resumes after them.
 """
 
 from __future__ import annotations
@@ -30,11 +33,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from dcmfg.choices import OnCorrupt
 from dcmfg.data.base import CrossModalDataset, ImageReadError
-from dcmfg.fileio import file_sha256, write_text_atomic
+from dcmfg.errors import writing
+from dcmfg.fileio import file_sha256, save_safetensors_atomic, write_text_atomic
 from dcmfg.paths import cache_dir
 
 from .job import Job, chunk_name
@@ -73,7 +78,9 @@ def cache_key(material: dict) -> str:
 @contextlib.contextmanager
 def locked(folder: Path):
     """Hold the cache folder's `.lock` (flock): one extractor per cache at a time, a second one waits."""
-    with open(folder / ".lock", "w") as f:
+    with writing(folder / ".lock"):
+        f = open(folder / ".lock", "w")
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -92,9 +99,21 @@ def files_path(folder: Path, fname: str) -> Path:
     return folder / fname.replace(".safetensors", ".files.json")
 
 
+def write_chunk(folder: Path, fname: str, tensors: dict) -> str:
+    """Write one chunk atomically; returns its sha256. A refused write is one `WriteFailed` naming the chunk."""
+    with writing(folder / fname, also=(SafetensorError,)):  # safetensors reports an OS error as its own
+        return save_safetensors_atomic(tensors, folder / fname)
+
+
+def write_record(path: Path, text: str) -> None:
+    """Write one of the cache's JSON records (manifest, image-file record) atomically, or raise `WriteFailed`."""
+    with writing(path):
+        write_text_atomic(path, text)
+
+
 def write_manifest(folder: Path, manifest: dict) -> None:
     manifest["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    write_text_atomic(folder / "manifest.json", json.dumps(manifest, indent=1))
+    write_record(folder / "manifest.json", json.dumps(manifest, indent=1))
 
 
 # ---- what the cache holds and whether it still holds -------------------------------------------------------------
@@ -265,7 +284,7 @@ def _changed_images(job: Job, fname: str, rows: np.ndarray, entry: dict) -> list
         log.info("%s: %d image file(s) changed since extraction (%s); re-extracting it", fname, len(changed),
                  ", ".join(changed[:3]) + (", ..." if len(changed) > 3 else ""))
     elif touched:
-        write_text_atomic(record_path, json.dumps(record))
+        write_record(record_path, json.dumps(record))
     return changed
 
 

@@ -28,8 +28,7 @@ from dcmfg.config import FeatureConfig
 from dcmfg.data.base import CrossModalDataset, ImageReadError
 from dcmfg.device import resolve_device
 from dcmfg.distributed import rank_world
-from dcmfg.errors import ConfigError
-from dcmfg.fileio import save_safetensors_atomic, write_text_atomic
+from dcmfg.errors import ConfigError, writing
 
 from .cache import (
     CHUNK_SIZE,
@@ -43,7 +42,9 @@ from .cache import (
     locked,
     merge_rank_manifests,
     read_manifest,
+    write_chunk,
     write_manifest,
+    write_record,
 )
 from .featureset import FeatureSet, assemble, pad
 from .images import ImageReader, collate, image_batches
@@ -125,7 +126,8 @@ def extract_features(
                             autocast=amp)
     key = cache_key(material)
     folder = feature_root(cache_root) / key
-    folder.mkdir(parents=True, exist_ok=True)
+    with writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
     dims = {"image": int(img_enc.dim), "text": int(txt_enc.dim), "regions": regions, "max_words": max_words}
     job = Job(dataset, folder, key, material, img_enc, txt_enc, image_rows, row_to_image, dims, batch_size,
               chunk_size, on_corrupt, workers, dev, amp, progress, on_chunk)
@@ -177,7 +179,7 @@ def _extract_distributed(job: Job, rank: int, world: int) -> FeatureSet:
         else:
             own = {"format": FORMAT_VERSION, "key": job.key, "chunks": {}}
             path = job.folder / f"manifest.rank{rank}.json"
-            _extract_chunks(job, mine, loaded, own, lambda: write_text_atomic(path, json.dumps(own, indent=1)))
+            _extract_chunks(job, mine, loaded, own, lambda: write_record(path, json.dumps(own, indent=1)))
     seconds = time.perf_counter() - t0
     dist.barrier()
     if rank == 0:
@@ -229,10 +231,10 @@ def _extract_chunks(job: Job, todo: list, loaded: dict, manifest: dict, save_man
     and the manifest as soon as it is complete."""
 
     def done(kind, fname, s, e, tensors, bad_rows=(), stamps=None):
-        sha = save_safetensors_atomic(tensors, job.folder / fname)
+        sha = write_chunk(job.folder, fname, tensors)
         if stamps is not None:
             rows = [int(r) for r in job.image_rows[s:e]]
-            write_text_atomic(files_path(job.folder, fname), json.dumps({"rows": rows, "stamps": stamps}))
+            write_record(files_path(job.folder, fname), json.dumps({"rows": rows, "stamps": stamps}))
         manifest["chunks"][fname] = {"kind": kind, "start": s, "stop": e, "sha256": sha,
                                      "corrupt": [job.dataset.image_key(r) for r in bad_rows],
                                      "corrupt_rows": list(bad_rows)}
