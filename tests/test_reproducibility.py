@@ -202,7 +202,7 @@ def test_the_sentences_quote_the_computed_spread_and_verdicts():
     assert text.startswith("With threads=2 instead of threads=1, nothing else changed (3 seeds)")
     assert "DCMFG: by up to 0.0200 (I->T) and " in text and "the mean by -0.0067 and " in text
     assert "selected epoch changed on 1 of 3 seeds" in text and "Not trained again" in text
-    assert "1 of the 2 paired verdicts recomputed are FRAGILE: DCMFG - layers=0, I->T (threads=1: better" in text
+    assert "1 of the 2 paired verdicts recomputed is FRAGILE: DCMFG - layers=0, I->T (threads=1: better" in text
     assert "]: the verdicts differ). The other 1 hold under both runs." in text
     assert "The other 1 hold under both runs" in text
     same = _report()
@@ -210,8 +210,8 @@ def test_the_sentences_quote_the_computed_spread_and_verdicts():
     note = rp.closing_note(rerun_table, "DCMFG, seed 0", summary, verdicts, LABELS)
     assert note.startswith("Same seed, same numbers holds on one machine: the same run (DCMFG, seed 0) trained twice")
     assert "It does not hold across summation orders" in note
-    assert "the query mAP@all of DCMFG moved by up to 0.0200 (I->T)" in note
-    assert note.endswith("1 of the 2 paired verdicts recomputed are FRAGILE: DCMFG - layers=0, I->T. The other 1 hold "
+    assert "query mAP@all moved most for DCMFG: by up to 0.0200 (I->T)" in note
+    assert note.endswith("1 of the 2 paired verdicts recomputed is FRAGILE: DCMFG - layers=0, I->T. The other 1 hold "
                          "under both runs.")
 
     both = _frame({("DCMFG", 0): (0.80, 0.78, 60), ("DCMFG", 1): (0.79, 0.79, 64), ("DCMFG", 2): (0.82, 0.80, 60),
@@ -219,7 +219,7 @@ def test_the_sentences_quote_the_computed_spread_and_verdicts():
                    ("layers=0", 2): (0.81, 0.80, 40)})  # layers=0 moves on one seed by a last-bit-sized 3e-06
     note = rp.closing_note(rerun_table, "x", rp.spread_table(rp.spread_frame(BASE, both, LABELS), LABELS),
                            rp.verdict_table(BASE, both, LABELS), LABELS)
-    assert "the query mAP@all of DCMFG moved by up to 0.0200 (I->T)" in note
+    assert "query mAP@all moved most for DCMFG: by up to 0.0200 (I->T)" in note
     assert "; the other arms by at most 3e-06 (layers=0)." in note
 
     quiet = rp.spread_table(rp.spread_frame(BASE, BASE[BASE["arm"] == "DCMFG"], LABELS), LABELS)

@@ -287,7 +287,8 @@ def _fragile_sentence(verdicts: pd.DataFrame, labels, detail: bool) -> str:
     else:
         named = "; ".join(f"{r['comparison']}, {r['measure']}" for r in fragile.to_dict("records"))
     rest = len(judged) - len(fragile)
-    return (f"{len(fragile)} of the {len(judged)} paired verdicts recomputed are FRAGILE: {named}."
+    return (f"{len(fragile)} of the {len(judged)} paired verdicts recomputed {'is' if len(fragile) == 1 else 'are'} "
+            f"FRAGILE: {named}."
             + (f" The other {rest} hold under both runs." if rest else ""))
 
 
@@ -331,7 +332,7 @@ def closing_note(rerun: pd.DataFrame, what: str, summary: pd.DataFrame, verdicts
             first, *rest = sorted(records, key=largest, reverse=True)
             others = (f"; the other arms by at most {shift_text(largest(rest[0]))} ({rest[0]['arm']})" if rest else "")
             lines.append(f"It does not hold across summation orders. With {b} instead of {a}, nothing else changed, "
-                         f"the query mAP@all of {first['arm']} moved by up to {_moves(first, values)}{others}. "
+                         f"query mAP@all moved most for {first['arm']}: by up to {_moves(first, values)}{others}. "
                          "Another CPU changes the last bits of float sums in the same way, so numbers rebuilt on "
                          "another machine can be expected to differ by about as much.")
     if not verdicts.empty:
