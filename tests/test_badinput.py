@@ -45,6 +45,7 @@ def test_every_split_edit_is_refused(tmp_path, mirflickr_root):
         assert f"$TMP/splits/{row['case']}.json: " in row["user sees"], row
 
 
+@pytest.mark.slow  # a feature extraction and three commands (the behaviours have fast unit tests of their own)
 def test_issue20_repairs_and_full_disk_are_said_in_one_line(tmp_path, mirflickr_root):
     """A damaged cache chunk is rebuilt with one warning line; a Latin-1 byte in a tag file and a full disk while
     feature chunks are written are one error line each, exit 2 (issue 20)."""
