@@ -84,6 +84,7 @@ def holder(tmp_path):
             proc.wait()
 
 
+@pytest.mark.slow  # real trainings in subprocesses
 def test_a_second_training_stops_at_once_and_a_killed_ones_folder_is_taken_over(tmp_path, syn_data):
     run = tmp_path / "run"
     first = subprocess.Popen(_train_cmd(run, "train.epochs=1000", "train.patience=1000"), cwd=REPO,
@@ -115,6 +116,7 @@ def test_a_second_training_stops_at_once_and_a_killed_ones_folder_is_taken_over(
     assert not (run / RUN_LOCK).exists() and not _temps(run)
 
 
+@pytest.mark.slow  # real trainings in subprocesses
 def test_wait_waits_for_the_holder_and_evaluate_into_the_folder_is_a_writer(tmp_path, syn_data, holder):
     run = tmp_path / "run"
     train(_cfg(), run, data=syn_data)

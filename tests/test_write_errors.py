@@ -86,6 +86,7 @@ def _fail_os_call(monkeypatch, name: str, target: str, after: int = 0):
     return calls
 
 
+@pytest.mark.slow  # real trainings in subprocesses
 def test_a_full_disk_while_a_checkpoint_is_written_keeps_the_last_good_one(tmp_path, reference):
     """A real 'No space left on device': the run folder on a tmpfs with room for one set of checkpoints."""
     if os.geteuid() != 0:
