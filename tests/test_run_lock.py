@@ -4,7 +4,6 @@ processes on the synthetic set."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket

@@ -26,6 +26,7 @@ from dcmfg.config import TrainConfig, apply_overrides, config_digest, config_fro
 from dcmfg.data.discover import find_datasets, pick_dataset
 from dcmfg.data.splits import make_split, save_split
 from dcmfg.device import resolve_device
+from dcmfg.engine.checkpoint import run_lock
 from dcmfg.engine.data import load_data, load_dataset_of, load_features
 from dcmfg.engine.train import train as train_run  # `train` is also a Study field: the training split size
 from dcmfg.errors import ConfigError
@@ -180,10 +181,11 @@ class Study:
         done = out / "study-run.json"
         reused = _finished(out)
         if not reused:
-            t0, c0 = time.perf_counter(), time.process_time()
-            train_run(cfg, out, data=self.bundle(cfg))
-            write_text_atomic(done, json.dumps({"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
-                                                "model": model, "seed": int(seed), "settings": settings or {}}, default=str))
+            with run_lock(out):  # the run and the study's record of it under one lock (train's own is re-entrant)
+                t0, c0 = time.perf_counter(), time.process_time()
+                train_run(cfg, out, data=self.bundle(cfg))
+                write_text_atomic(done, json.dumps({"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+                                                    "model": model, "seed": int(seed), "settings": settings or {}}, default=str))
         info = json.loads(done.read_text())
         history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
         return {**json.loads((out / "report.json").read_text()), "run_dir": str(out), "seconds": info["seconds"],
