@@ -338,6 +338,14 @@ def set_dotted(values: dict, dotted: str, value) -> None:
     node[parts[-1]] = value
 
 
+def get_dotted(values: dict, dotted: str):
+    """values["a"]["b"] for dotted "a.b" (a config's `to_dict()` or a plain mapping)."""
+    node = values
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
 def apply_overrides(values: dict, overrides: Iterable[str] | dict = ()) -> dict:
     """`a.b=c` strings (or a {dotted: value} mapping) onto a deep copy of a nested dict."""
     values = json.loads(json.dumps(values))  # deep copy

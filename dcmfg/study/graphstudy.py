@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from dcmfg.config import get_dotted
 from dcmfg.engine.evaluate import evaluate
 from dcmfg.study.stats import BETTER, NO_DIFFERENCE, NO_INTERVAL, WORSE, format_interval, mean_std
 from dcmfg.study.tables import interval_table, paired_table
@@ -269,14 +270,7 @@ def closing_note(controls: pd.DataFrame, stats: pd.DataFrame, seeds) -> str:
 def default_variant(cfg, variants: list[tuple[str, dict]]) -> str | None:
     """The label of the variant whose settings the config already has (the shipped default), if any."""
     values = cfg.to_dict()
-
-    def get(dotted: str):
-        node = values
-        for part in dotted.split("."):
-            node = node[part]
-        return node
-
-    return next((label for label, st in variants if all(get(k) == v for k, v in st.items())), None)
+    return next((label for label, st in variants if all(get_dotted(values, k) == v for k, v in st.items())), None)
 
 
 def ablation_figure(frame: pd.DataFrame, groups: list[str]):

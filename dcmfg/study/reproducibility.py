@@ -21,6 +21,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from dcmfg.config import get_dotted
 from dcmfg.study.bitexact import bit_identical, rerun_sentence
 from dcmfg.study.graphstudy import CONTROLS, DIRECTIONS, REFERENCE
 from dcmfg.study.tables import NO_INTERVAL, format_interval, paired_table
@@ -56,15 +57,8 @@ def run_labels(config, perturbation: dict) -> tuple[str, str]:
     """Short names of the two runs from the changed settings, e.g. ('threads=1', 'threads=2'): the value in the
     study's config (a `dcmfg.config.Config`) and the perturbed one."""
     values = config.to_dict()
-
-    def get(dotted: str):
-        node = values
-        for part in dotted.split("."):
-            node = node[part]
-        return node
-
     name = {k: k.rsplit(".", 1)[-1] for k in perturbation}
-    return (", ".join(f"{name[k]}={get(k)}" for k in perturbation),
+    return (", ".join(f"{name[k]}={get_dotted(values, k)}" for k in perturbation),
             ", ".join(f"{name[k]}={v}" for k, v in perturbation.items()))
 
 
