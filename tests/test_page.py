@@ -153,7 +153,9 @@ def test_forest_reads_headline_pairs_as_the_table_shows_them():
     axes = [a for a in fig.axes if a.get_title()]
     assert [a.get_title() for a in axes] == ["I->T", "T->I"]
     ticks = sorted(zip(axes[0].get_yticks(), [t.get_text() for t in axes[0].get_yticklabels()]))
-    assert [t for _, t in ticks] == ["dcmfg - dcmh (hamming)", "dcmfg - linear (cosine)"]  # the first row on top
+    # the first row on top; the side every comparison shares ("dcmfg - ") is left to the axis label
+    assert [t for _, t in ticks] == ["dcmh (hamming)", "linear (cosine)"]
+    assert fig.get_supxlabel() == "dcmfg minus the other model"
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert any(t.startswith("better") for t in legend) and all(t.split(" (")[0] in set(data["verdict"]) for t in legend)
     lo, hi = axes[0].get_xlim()

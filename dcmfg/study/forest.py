@@ -91,12 +91,31 @@ def verdict_sentences(table: pd.DataFrame) -> list[str]:
     return out
 
 
+def short_labels(labels) -> list[str]:
+    """Row labels without the side every comparison shares ("DCMFG - layers=0", "DCMFG - linear" -> "layers=0",
+    "linear"; "static - default", "csls - default" -> "static", "csls"): the axis label names it once."""
+    labels = [str(x) for x in labels]
+    pairs = [x.split(" - ", 1) if " - " in x else None for x in labels]
+    if len(labels) < 2 or any(p is None for p in pairs):
+        return labels
+    left = {p[0] for p in pairs}
+    right = {re.sub(r" \([^)]*\)$", "", p[1]) for p in pairs}  # "linear (cosine)": the distance stays on the row
+    if len(left) == 1:
+        return [p[1] for p in pairs]
+    if len(right) == 1:
+        ref = right.pop()
+        return [p[0] + p[1][len(ref):] for p in pairs]
+    return labels
+
+
 def forest_figure(table: pd.DataFrame, xlabel: str, width: float = 8.0):
-    """The forest plot of a paired table: one panel per measure (e.g. I->T, T->I), one row per comparison, the
-    mean as a dot and the interval as a bar, a dashed line at zero; the legend names each verdict shown."""
+    """The forest plot of a paired table: one panel per measure (e.g. I->T, T->I), one row per comparison (the side
+    all comparisons share is left to `xlabel`, e.g. "DCMFG minus the arm"), the mean as a dot and the interval as a
+    bar, a dashed line at zero; the legend names each verdict shown."""
     data = intervals(table)
     if data.empty:
         raise ValueError("the table holds no paired difference to plot")
+    data["label"] = short_labels(data["label"])
     measures = list(dict.fromkeys(data["measure"]))
     labels = list(dict.fromkeys(data["label"]))
     height = 1.6 + 0.34 * len(labels)
@@ -115,10 +134,10 @@ def forest_figure(table: pd.DataFrame, xlabel: str, width: float = 8.0):
                     markerfacecolor=colour if r["verdict"] != NO_INTERVAL else "white", markeredgewidth=1.6)
         ax.axvline(0.0, color="black", lw=1.0, ls="--", zorder=0)
         ax.set_title(str(measure), fontsize=10)
-        ax.set_xlabel(xlabel, fontsize=9)
         ax.grid(axis="x", alpha=0.3)
         ax.tick_params(labelsize=8.5)
     # one scale for every panel, zero in the middle: the side of each bar and the sizes compare at a glance
+    fig.supxlabel(xlabel, fontsize=9)
     axes[0][0].set_xlim(-span, span)
     axes[0][0].set_yticks(list(ys.values()), list(ys.keys()), fontsize=9)
     axes[0][0].set_ylim(-0.6, len(labels) - 0.4)
@@ -127,7 +146,7 @@ def forest_figure(table: pd.DataFrame, xlabel: str, width: float = 8.0):
     handles = [Line2D([0], [0], color=COLOURS.get(v, "#000000"), marker="o", lw=2.2,
                       markerfacecolor=COLOURS.get(v, "#000000") if v != NO_INTERVAL else "white",
                       label=f"{v} ({MEANING[v]})" if MEANING.get(v) else v) for v in shown]
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 2), fontsize=8.5, frameon=False,
+    fig.legend(handles=handles, loc="outside upper center", ncol=min(len(handles), 2), fontsize=8.5, frameon=False,
                title="verdict", title_fontsize=9)
     return fig
 
