@@ -5,7 +5,6 @@ and the API page lists the library's public functions."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -27,27 +26,12 @@ def _browser() -> tuple[str, str] | None:
     return (chromium, driver) if chromium and driver else None
 
 
-def _data_folder() -> Path | None:
-    for c in ([Path(os.environ["DCMFG_DATA"])] if os.environ.get("DCMFG_DATA") else []) + [REPO.parent / "shared" / "data"]:
-        if c.is_dir():
-            return c
-    return None
-
-
 @pytest.fixture(scope="session")
-def quick_book(tmp_path_factory):
-    """The quick parameter set run once per test session into a temporary book, on the real subset when present."""
+def quick_book(quick_study):
+    """The session's quick book (conftest.py: built once for every book test)."""
     if _browser() is None:
         pytest.skip("chromium and chromium-driver not installed (make browser installs them)")
-    mp = pytest.MonkeyPatch()
-    folder = _data_folder()
-    if folder is not None:
-        mp.setenv("DCMFG_DATA", str(folder))
-    else:
-        mp.delenv("DCMFG_DATA", raising=False)
-    result = study.run_study("quick", out_book=tmp_path_factory.mktemp("quick-book") / "book", log=lambda *_: None)
-    yield result
-    mp.undo()
+    return quick_study[0]
 
 
 @pytest.fixture(scope="module")

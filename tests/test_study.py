@@ -133,29 +133,12 @@ def assert_not_blank(png: Path) -> None:
     assert im.std() > 10 and colours > 50, f"{png}: looks blank (std {im.std():.1f}, {colours} colours)"
 
 
-def _data_folder() -> Path | None:
-    """The folder holding dataset folders: DCMFG_DATA, else the project's shared data (CI)."""
-    for c in ([Path(os.environ["DCMFG_DATA"])] if os.environ.get("DCMFG_DATA") else []) + [REPO.parent / "shared" / "data"]:
-        if c.is_dir():
-            return c
-    return None
-
-
 @pytest.fixture(scope="module")
-def quick_study(tmp_path_factory):
-    """The quick parameter set run once for this module, on the real subset when present, into a temporary book."""
+def quick_study(quick_study):
+    """The session's quick book (conftest.py), for the tests here that look at it in Chromium."""
     if _chromium() is None:
         pytest.skip("chromium not installed (make browser installs it)")
-    mp = pytest.MonkeyPatch()
-    folder = _data_folder()
-    if folder is not None:
-        mp.setenv("DCMFG_DATA", str(folder))
-    else:
-        mp.delenv("DCMFG_DATA", raising=False)
-    tmp = tmp_path_factory.mktemp("quick")
-    result = study.run_study("quick", out_book=tmp / "book", log=lambda *_: None)
-    yield result, tmp
-    mp.undo()
+    return quick_study
 
 
 @pytest.mark.slow
