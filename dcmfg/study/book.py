@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import yaml
 from dcmfg.errors import ConfigError, DcmfgError
 from dcmfg.fileio import write_text_atomic
 from dcmfg.paths import cache_dir
-from dcmfg.study.page import tag_injected_parameters
+from dcmfg.study.page import papermill_command, tag_injected_parameters
 from dcmfg.study.params import load_params, notebook_parameters, resolve_params_path
 from dcmfg.study.repo import notebook_names, repo_dir
 from dcmfg.study.study import DataChoice, resolve_dataset
@@ -57,9 +56,7 @@ def rerun_commands(param_set: str) -> list[str]:
     lines = []
     for nb in notebook_names():
         declared = pm.inspect_notebook(str(repo_dir() / "notebooks" / f"{nb}.ipynb"))
-        values = notebook_parameters(p, nb, declared)
-        args = " ".join(f"-p {k} {shlex.quote(v if isinstance(v, str) else json.dumps(v))}" for k, v in values.items())
-        lines.append(f"papermill notebooks/{nb}.ipynb out/{nb}.ipynb {args}".rstrip())
+        lines.append(papermill_command(nb, notebook_parameters(p, nb, declared), out=f"out/{nb}.ipynb"))
     return lines
 
 

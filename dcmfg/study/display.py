@@ -37,15 +37,21 @@ def show_figure(fig, caption: str, name: str = "") -> None:
     ))
 
 
-def show_table(df, caption: str, precision: int = 4, index: bool = False) -> None:
-    """Display a pandas table with a caption that states protocol, metric variant, seeds and data size."""
+def table_html(df, caption: str, precision: int = 4, index: bool = False, css_class: str = "dcmfg-table") -> str:
+    """A pandas table in the book's markup: captioned (protocol, metric variant, seeds, data size), `precision`
+    decimals, missing values as '-'."""
     styler = df.style.format(precision=precision, na_rep="-").set_caption(caption)
     if not index:
         styler = styler.hide(axis="index")
-    styler = styler.set_table_attributes('class="dcmfg-table"').set_table_styles(
+    styler = styler.set_table_attributes(f'class="{css_class}"').set_table_styles(
         [{"selector": "caption", "props": "caption-side: top; text-align: left; font-weight: normal; color: #333"}]
     )
-    display(HTML(styler.to_html()))
+    return styler.to_html()
+
+
+def show_table(df, caption: str, precision: int = 4, index: bool = False) -> None:
+    """Display a pandas table with a caption that states protocol, metric variant, seeds and data size."""
+    display(HTML(table_html(df, caption, precision, index)))
 
 
 def banner_html(choice: DataChoice | dict) -> str:

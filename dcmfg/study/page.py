@@ -29,6 +29,7 @@ import nbformat
 from IPython.display import HTML, Markdown, display
 
 from dcmfg.fileio import write_text_atomic
+from dcmfg.study.display import table_html
 from dcmfg.study.repo import repo_dir
 from dcmfg.study.stats import BETTER, NO_DIFFERENCE, WORSE
 
@@ -164,18 +165,6 @@ def command_block(lines, intro: str = "") -> None:
 
 
 # --------------------------------------------------------------------------------------------- tables
-def table_html(df, caption: str, precision: int = 4, index: bool = False, css_class: str = "dcmfg-table") -> str:
-    """A pandas table in the book's markup: captioned (protocol, metric variant, seeds, data size), `precision`
-    decimals, missing values as '-'."""
-    styler = df.style.format(precision=precision, na_rep="-").set_caption(caption)
-    if not index:
-        styler = styler.hide(axis="index")
-    styler = styler.set_table_attributes(f'class="{css_class}"').set_table_styles(
-        [{"selector": "caption", "props": "caption-side: top; text-align: left; font-weight: normal; color: #333"}]
-    )
-    return styler.to_html()
-
-
 def details_html(summary: str, body: str, css_class: str = "dcmfg-details") -> str:
     """A collapsed block: `summary` is the one line shown, `body` (HTML) opens under it."""
     return f'<details class="{css_class}"><summary>{html.escape(summary)}</summary>{body}</details>'
