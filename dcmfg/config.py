@@ -2,7 +2,7 @@
 
 Dataclasses with the shipped defaults (equal to configs/dcmfg.yaml), YAML in, `--set a.b=c` overrides, and every
 value checked (type, allowed choices, range) when the config is loaded, before any data is read. Every choice
-method.md leaves open is a field here, so that ablations are config changes, not code changes.
+docs/method.md leaves open is a field here, so that ablations are config changes, not code changes.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class DataConfig:
     root: str | None = None  # may be omitted for "synthetic"
     split: str | None = None  # split file; None = make a seeded random split and save it into the run folder
     options: dict = field(default_factory=dict)  # passed to load_dataset (e.g. n, seed for synthetic)
-    # How a fresh split is drawn when `split` is None (see data.md): sizes are counts (int) or fractions (float).
+    # How a fresh split is drawn when `split` is None (see docs/data.md): sizes are counts (int) or fractions (float).
     protocol: str = "random"
     query: float | int = 0.2
     val: float | int = 0.1  # of the training pool
@@ -63,7 +63,7 @@ class GraphConfig:
     # Drop the edge between an item's image and its own text in training and bank graphs: a query never has its
     # partner in the bank, so a model trained with that edge would learn to copy from a neighbour it lacks later.
     exclude_pair: bool = True
-    # Relations that work across the modality gap (method.md section 9; each measured in the graph chapter):
+    # Relations that work across the modality gap (docs/method.md section 2; each measured in the graph chapter):
     hubness: str = "none"  # none | csls: rank candidates by 2cos(x, y) - r(x) - r(y), r = mean cosine to k nearest
     centre: bool = False  # subtract each modality's running mean (training data, saved with the weights) first
     reverse_ratio: float = 1.0  # relaxed mutuality: j -> i iff j in kNN_k(i) and i in kNN_k'(j), k' = ratio * k
@@ -116,7 +116,7 @@ class TrainConfig:
     warmup_epochs: int = 2
     patience: int = 20  # epochs without validation improvement before stopping
     # validate every N epochs (and at any epoch where the run can stop): for dcmfg a validation builds the whole bank
-    # graph, most of an epoch's work (0.72 s against 0.90 s on the real subset); the weights are the same for any N
+    # graph, a large share of an epoch's work; the weights of every epoch are the same for any N
     val_every: int = 4
     grad_clip: float = 5.0
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N

@@ -1,4 +1,4 @@
-"""What the interpretability chapter shows (method.md section 3): which regions each word aligns with, which
+"""What the interpretability chapter shows (docs/method.md section 3): which regions each word aligns with, which
 neighbours (with which attention weight, mutual or fallback) shaped an item's embedding in the inference graph, and
 where retrieval fails.
 
