@@ -23,6 +23,8 @@ from dcmfg.metrics import mean_average_precision
 REPO = Path(__file__).resolve().parents[1]
 
 
+pytestmark = pytest.mark.slow  # trains real runs: the complete suite's tier, not the edit-test loop
+
 def trained_run(root, model: str, *overrides) -> Path:
     """A run trained for 2 epochs on the real subset, kept under the cache by a hash of its config (deterministic on
     CPU), so the test modules that need one (and later test sessions) share it."""

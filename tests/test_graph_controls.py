@@ -20,6 +20,8 @@ SYN = ["data.name=synthetic", "data.options.n=120", "data.options.seed=0", "mode
        "train.epochs=3", "train.warmup_epochs=1", "train.lr=0.003", "train.progress=false"]
 
 
+pytestmark = pytest.mark.slow  # trains real runs: the complete suite's tier, not the edit-test loop
+
 def _cfg(*extra):
     return load_config(REPO / "configs/dcmfg.yaml", SYN + list(extra))
 

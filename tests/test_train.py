@@ -235,6 +235,7 @@ def _cli_cmd(run: Path, *settings: str) -> list[str]:
     return cmd
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("val_every", [1, 4])  # with 4 the interrupt comes before the first resume point
 def test_ctrl_c_exits_130_with_one_line_and_leaves_a_resumable_run(tmp_path, syn_data, val_every):
     run = tmp_path / "run"
