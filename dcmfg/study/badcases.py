@@ -23,6 +23,19 @@ from dcmfg.fileio import file_sha256
 from .badharness import STALE_IDS, Case, Outcome, Workspace, copy_mirflickr, last_line
 
 
+def _interrupt(proc: subprocess.Popen) -> bool:
+    """Ctrl-C to `proc`'s process group if it still runs, then reap it (killed after 120 s); whether it was running."""
+    running = proc.poll() is None
+    if running:
+        os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return running
+
+
 def _help(ws: Workspace) -> Outcome:
     o = ws.dcmfg("--help")
     o.shows = f"usage and {len(o.stdout.splitlines())} lines of help"
@@ -185,14 +198,7 @@ def _ctrl_c(ws: Workspace) -> Outcome:
             if metrics.is_file() and metrics.read_text().strip():
                 break
             time.sleep(0.05)
-        sent = proc.poll() is None
-        if sent:
-            os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        sent = _interrupt(proc)
     seconds = time.perf_counter() - t0
     temp = sorted(p for p in out.rglob("*") if ".tmp" in p.name or p.name.endswith(".old")) if out.is_dir() else []
     mb = sum(f.stat().st_size for p in temp for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()) / 1e6
@@ -304,14 +310,7 @@ def _two_writers(ws: Workspace) -> Outcome:
                 break
             time.sleep(0.05)
         o = ws.dcmfg(*args, timeout=120)  # the second: the same command, while the first trains
-        still = first.poll() is None
-        if still:
-            os.killpg(first.pid, signal.SIGINT)
-        try:
-            first.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
+        still = _interrupt(first)
     named = f"names the first run's pid ({first.pid})" if f"pid {first.pid}" in o.stderr else "names no pid"
     o.note = (f"{named}; the first run {'went on training' if still else 'had ended'} and stopped at SIGINT "
               f"with exit code {first.returncode}")
