@@ -124,6 +124,12 @@ class TrainConfig:
     threads: int = 0  # torch threads; 0 = leave torch's default
     progress: bool = True
     select_metric: str = "map_mean"  # validation mAP@all that selects the checkpoint: map_mean | map_i2t | map_t2i
+    # The same budget in optimizer steps, for comparing training sizes (a learning curve): each value > 0 replaces
+    # its epoch twin by ceil(steps / steps per epoch) (dcmfg.engine.train.epoch_budget); 0 keeps the epoch value.
+    max_steps: int = 0  # replaces train.epochs
+    patience_steps: int = 0  # replaces train.patience
+    val_every_steps: int = 0  # replaces train.val_every
+    warmup_steps: int = 0  # replaces train.warmup_epochs
 
 
 @dataclass
@@ -196,6 +202,10 @@ RANGES = {
     "train.val_every": (1, None, True),
     "train.grad_clip": (0.0, None, True),
     "train.threads": (0, None, True),
+    "train.max_steps": (0, None, True),
+    "train.patience_steps": (0, None, True),
+    "train.val_every_steps": (0, None, True),
+    "train.warmup_steps": (0, None, True),
 }
 # Every loss weight is >= 0 (0 switches the term off).
 LOSS_WEIGHTS = ("contrastive", "contrastive_pre", "similarity", "label", "hash_contrastive", "alignment",
@@ -204,6 +214,10 @@ LOSS_WEIGHTS = ("contrastive", "contrastive_pre", "similarity", "label", "hash_c
 # Settings that change how a run is shown, not what it computes: left out of the run's identity (config_digest).
 # (train.threads stays in: float sums in another order differ in the last bits.)
 PRESENTATION = {("train", "progress")}
+# Settings added after runs were cached, at the value that computes what those runs computed: left out of the
+# identity while at that value, so adding a switch does not retrain every cached run.
+SWITCHED_OFF = {("train", "max_steps"): 0, ("train", "patience_steps"): 0, ("train", "val_every_steps"): 0,
+                ("train", "warmup_steps"): 0}
 
 
 def _build(cls, values: dict, prefix: str):
@@ -384,4 +398,7 @@ def config_digest(cfg: Config) -> str:
     values = cfg.to_dict()
     for section, key in PRESENTATION:
         values[section].pop(key, None)
+    for (section, key), off in SWITCHED_OFF.items():  # a switch added later, left off: the run is the same run
+        if values[section].get(key) == off:
+            values[section].pop(key)
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]

@@ -141,6 +141,30 @@ def test_validating_every_second_epoch_keeps_the_same_weights_and_checks_the_las
     assert "val_map_mean" in short[-1]
 
 
+def test_a_step_budget_is_the_epoch_budget_it_converts_to(tmp_path, syn_data):
+    # ~85 training pairs at batch 32: 3 steps an epoch; 13, 6, 4 and 60 steps round up to 5, 2, 2 and 20 epochs
+    steps = train(_cfg("train.max_steps=13", "train.val_every_steps=6", "train.warmup_steps=4",
+                       "train.patience_steps=60"), tmp_path / "steps", data=syn_data)
+    epochs = train(_cfg("train.epochs=5", "train.val_every=2", "train.warmup_epochs=2", "train.patience=20"),
+                   tmp_path / "epochs", data=syn_data)
+    assert _val_curve(tmp_path / "steps") == _val_curve(tmp_path / "epochs")
+    assert steps.report["budget"] == {"epochs": 5, "patience": 20, "val_every": 2, "warmup_epochs": 2,
+                                      "steps_per_epoch": 3}
+    assert epochs.report["budget"]["epochs"] == 5 and (steps.map_i2t, steps.map_t2i) == (epochs.map_i2t, epochs.map_t2i)
+
+
+def test_epoch_budget_rounds_steps_up_to_whole_epochs():
+    from dcmfg.engine.train import epoch_budget
+
+    tc = load_config(REPO / "configs/dcmfg.yaml", ["train.max_steps=700", "train.patience_steps=100"]).train
+    def triple(b):
+        return b.epochs, b.patience, b.val_every
+
+    assert triple(epoch_budget(tc, 35)) == (20, 3, tc.val_every)  # 700 / 35; ceil(100 / 35); val_every kept
+    assert triple(epoch_budget(tc, 5)) == (140, 20, tc.val_every)
+    assert triple(epoch_budget(load_config(REPO / "configs/dcmfg.yaml").train, 35)) == (80, 20, 4)  # epochs as given
+
+
 def test_a_run_leaves_the_callers_thread_count_as_it_was(tmp_path, syn_data):
     # a notebook or test that trains twice in one process must not inherit the first run's train.threads
     before = torch.get_num_threads()

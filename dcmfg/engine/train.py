@@ -99,6 +99,33 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     meta: dict  # written beside every checkpoint: what the weights were trained for
+    budget: Budget  # the epoch cap, patience, validation interval and warm-up of this run, in epochs
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A run's budget in epochs: train.epochs / patience / val_every / warmup_epochs, or their `*_steps` twins
+    converted with the run's steps per epoch (see `epoch_budget`)."""
+
+    epochs: int
+    patience: int
+    val_every: int
+    warmup_epochs: int
+    steps_per_epoch: int
+
+
+def epoch_budget(tc, steps_per_epoch: int) -> Budget:
+    """The budget of a run with `steps_per_epoch` optimizer steps an epoch.
+
+    A `train.*_steps` value s > 0 replaces its epoch twin by ceil(s / steps_per_epoch) (at least 1; warm-up may be
+    0): the same step budget then holds at every training size, where a cap in epochs gives a 10x larger training
+    split 10x the steps."""
+    def epochs(steps: int, fallback: int, least: int = 1) -> int:
+        return max(least, -(-int(steps) // steps_per_epoch)) if steps else int(fallback)
+
+    return Budget(epochs(tc.max_steps, tc.epochs), epochs(tc.patience_steps, tc.patience),
+                  epochs(tc.val_every_steps, tc.val_every), epochs(tc.warmup_steps, tc.warmup_epochs, least=0),
+                  steps_per_epoch)
 
 
 @dataclass
@@ -172,8 +199,9 @@ def build(s: Session, data: DataBundle) -> Trainer:
     model = create_model(cfg.model.name, cfg, *data.dims).to(s.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     steps_per_epoch = len(batches(len(train_idx), tc.batch_size, torch.Generator().manual_seed(0)))
-    total = steps_per_epoch * tc.epochs
-    scheduler = get_cosine_schedule_with_warmup(optimizer, min(tc.warmup_epochs * steps_per_epoch, max(total - 1, 1)),
+    budget = epoch_budget(tc, steps_per_epoch)
+    total = steps_per_epoch * budget.epochs
+    scheduler = get_cosine_schedule_with_warmup(optimizer, min(budget.warmup_epochs * steps_per_epoch, max(total - 1, 1)),
                                                 total)
     ddp = model
     if s.world > 1:
@@ -189,7 +217,7 @@ def build(s: Session, data: DataBundle) -> Trainer:
         "feature_key": data.feature_key,
         "config_digest": config_digest(cfg),
     }
-    return Trainer(model, ddp, optimizer, scheduler, meta)
+    return Trainer(model, ddp, optimizer, scheduler, meta, budget)
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -213,7 +241,7 @@ def resume_state(s: Session, t: Trainer) -> tuple[Loop, list[dict]]:
         return Loop(), []
     loop = Loop(**load_training_state(ckpt, t.model, s.cfg, t.optimizer, t.scheduler))
     # train.epochs / patience may have been raised to extend a finished run
-    loop.done = loop.bad_epochs >= s.cfg.train.patience or loop.epoch >= s.cfg.train.epochs
+    loop.done = loop.bad_epochs >= t.budget.patience or loop.epoch >= t.budget.epochs
     history = _trim_jsonl(s.out / "metrics.jsonl", loop.epoch) if s.main else []
     return loop, history
 
@@ -243,7 +271,7 @@ def run_epoch(s: Session, t: Trainer, data: DataBundle, loop: Loop) -> dict:
     t.model.train()
     sums: dict[str, float] = {}
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=tc.amp and s.device.type == "cuda")
-    bar = tqdm(order, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not tc.progress or not s.main, leave=False)
+    bar = tqdm(order, desc=f"epoch {epoch + 1}/{t.budget.epochs}", disable=not tc.progress or not s.main, leave=False)
     for b in bar:
         idx = train_idx[b.numpy()]
         gather, local = None, idx
@@ -294,10 +322,10 @@ def _last_good(s: Session) -> str:
 
 def validate_and_select(s: Session, t: Trainer, data: DataBundle, loop: Loop, terms: dict, seconds: float) -> dict:
     """Validation mAP (never the query split), selection by train.select_metric, early stopping, checkpoints."""
-    tc = s.cfg.train
+    tc, b = s.cfg.train, t.budget
     epoch = loop.epoch + 1
     # validated: every val_every-th epoch, and any epoch the run may end on (the cap, or patience running out)
-    due = epoch % tc.val_every == 0 or epoch >= tc.epochs or loop.bad_epochs + 1 >= tc.patience
+    due = epoch % b.val_every == 0 or epoch >= b.epochs or loop.bad_epochs + 1 >= b.patience
     val = validation_scores(t.model, data, s.cfg, s.device, distributed=s.world > 1) if due else {}  # all ranks
     improved = due and val[f"val_{tc.select_metric}"] > loop.best
     score = val.get(f"val_{tc.select_metric}")
@@ -306,7 +334,7 @@ def validate_and_select(s: Session, t: Trainer, data: DataBundle, loop: Loop, te
     else:
         loop.bad_epochs += 1
     loop.epoch += 1
-    loop.done = loop.bad_epochs >= tc.patience or loop.epoch >= tc.epochs
+    loop.done = loop.bad_epochs >= b.patience or loop.epoch >= b.epochs
     record = {"epoch": loop.epoch, "step": loop.step, "lr": t.scheduler.get_last_lr()[0], **terms, **val,
               "best_epoch": loop.best_epoch, "seconds": round(seconds, 3)}
     if s.main:
@@ -368,6 +396,7 @@ def finish(s: Session, t: Trainer, data: DataBundle, loop: Loop) -> dict | None:
     if s.main:
         report.update(config=s.cfg.to_dict(), config_digest=t.meta["config_digest"], best_epoch=loop.best_epoch,
                       best_val=loop.best, select_metric=s.cfg.train.select_metric, epochs_run=loop.epoch,
+                      budget=dataclasses.asdict(t.budget),
                       checkpoint="best", split_sha256=data.split_sha256)
         try:
             with writing(s.out / "report.json"):
