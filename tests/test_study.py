@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_named_sets_resolve_to_config_files():
     assert study.resolve_params_path("quick") == REPO / "configs" / "study-quick.yaml"
     assert study.resolve_params_path(None) == REPO / "configs" / "study-full.yaml"
-    for name in ("quick", "full"):
+    for name in ("quick", "full", "mirflickr12k", "mirflickr25k", "nuswide"):
         p = study.load_params(study.resolve_params_path(name))
         assert p["name"] == name
         # every per-notebook section names a real notebook and only parameters that notebook declares
@@ -34,6 +34,64 @@ def test_named_sets_resolve_to_config_files():
         for nb in study.notebook_names():
             declared = pm.inspect_notebook(str(REPO / "notebooks" / f"{nb}.ipynb"))
             study.notebook_parameters(p, nb, declared)
+
+
+def test_an_edition_runs_its_chapters_and_its_book_lists_only_them(tmp_path):
+    import yaml
+
+    p = study.load_params(study.resolve_params_path("mirflickr12k"))
+    assert p["chapters"][:3] == ["01-data", "02-features", "03-training"] and "05b-learning-curve" in p["chapters"]
+    assert "06-ablations" not in p["chapters"] and p["book"]["root"] == "intro-mirflickr12k"
+    toc = yaml.safe_load(study.book_toc(REPO / "book", p, tmp_path / "toc.yml").read_text())
+    files = [c["file"] for part in toc["parts"] for c in part["chapters"]]
+    assert files == [f"chapters/{c}" for c in p["chapters"]]  # in the book's order; no API page without chapter 12
+    assert toc["root"] == "intro-mirflickr12k" and (REPO / "book" / "intro-mirflickr12k.md").is_file()
+    full = study.load_params(study.resolve_params_path("full"))
+    files = [c["file"] for part in yaml.safe_load(study.book_toc(REPO / "book", full, tmp_path / "full.yml").read_text())["parts"]
+             for c in part["chapters"]]
+    assert "api" in files and "chapters/05b-learning-curve" not in files and "chapters/05-graph" in files
+    # every chapter of the book's template is a notebook of the study
+    template = yaml.safe_load((REPO / "book" / "_toc.yml").read_text())
+    named = {c["file"].removeprefix("chapters/") for part in template["parts"] for c in part["chapters"]
+             if c["file"].startswith("chapters/")}
+    assert named == set(study.notebook_names())
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("chapters: [01-data, 99-nope]\n")
+    with pytest.raises(ConfigError, match="chapters must list notebooks of the study"):
+        study.load_params(bad)
+    bad.write_text("book: {root: no-such-page}\n")
+    with pytest.raises(ConfigError, match="no book/no-such-page.md"):
+        study.load_params(bad)
+
+
+def test_the_runner_says_what_each_chapter_trained_resumed_and_reused():
+    from dcmfg.study.book import runs_summary
+
+    lines = [{"label": "DCMFG", "seed": 0, "status": "reused"}, {"label": "DCMFG", "seed": 1, "status": "reused"},
+             {"label": "layers=0", "seed": 0, "status": "trained"},
+             {"label": "linear", "seed": 2, "status": "resumed", "from_epoch": 12}]
+    assert runs_summary(lines) == ("4 runs: trained 1 [layers=0 seed 0], resumed 1 from their checkpoints (linear seed 2 "
+                                   "after epoch 12), reused 2 [DCMFG seeds 0,1]")
+    assert runs_summary([]) == "no training runs"
+
+
+def test_a_run_journal_line_per_run_trained_resumed_or_reused(tmp_path, monkeypatch):
+    from dcmfg.study.study import _checkpoint_epoch, _journal
+
+    journal = tmp_path / "journal.jsonl"
+    monkeypatch.setenv("DCMFG_STUDY_JOURNAL", str(journal))
+    run = tmp_path / "dcmfg-seed0-abc"
+    (run / "last").mkdir(parents=True)
+    assert _checkpoint_epoch(run) == 0  # no state.json: nothing to resume
+    (run / "last" / "state.json").write_text(json.dumps({"loop": {"epoch": 8}}))
+    assert _checkpoint_epoch(run) == 8
+    (run / "last" / "state.json").write_text("{damaged")
+    assert _checkpoint_epoch(run) == 0
+    _journal("DCMFG", 0, run, "resumed", from_epoch=8)
+    _journal("DCMFG", 1, run, "reused")
+    rows = [json.loads(x) for x in journal.read_text().splitlines()]
+    assert rows == [{"label": "DCMFG", "seed": 0, "run": run.name, "status": "resumed", "from_epoch": 8},
+                    {"label": "DCMFG", "seed": 1, "run": run.name, "status": "reused"}]
 
 
 def test_unknown_set_and_bad_files_are_clear_errors(tmp_path):

@@ -22,6 +22,7 @@ Where each part lives:
 
 - `params`: the parameter check at the top of each notebook, and the parameter sets (configs/study-*.yaml);
 - `study`: the `Study` object (data, split files, configs, features, runs and the worker pool), `start`;
+- `learningcurve`: the gain of the graph against the training size (chapter 5b);
 - `display`: figures and tables as self-contained HTML, the synthetic-data banner;
 - `book`: the runner, `dcmfg study run` (papermill into book/chapters/, then the Jupyter Book, offline);
 - `repo`: where the checkout's configs/, notebooks/ and book/ are, and paths as the book may show them;
@@ -30,8 +31,8 @@ Where each part lives:
   `search_views`), `badinput`.
 """
 
-from dcmfg.study.book import (NotebookRun, StudyResult, book_config, build_book, check_offline_html, rerun_commands,
-                              run_command, run_notebooks, run_study, stage_book_sources)
+from dcmfg.study.book import (NotebookRun, StudyResult, book_config, book_toc, build_book, check_offline_html,
+                              rerun_commands, run_command, run_notebooks, run_study, stage_book_sources)
 from dcmfg.study.display import banner_html, png_data_uri, show_figure, show_table
 from dcmfg.study.params import (ParameterError, check_parameters, load_params, notebook_parameters,
                                 resolve_params_path)
@@ -39,7 +40,7 @@ from dcmfg.study.repo import notebook_names, repo_dir, shown_path
 from dcmfg.study.study import RUN_COST, DataChoice, Study, resolve_dataset, start
 
 __all__ = [
-    "RUN_COST", "DataChoice", "NotebookRun", "ParameterError", "Study", "StudyResult", "banner_html", "book_config",
+    "RUN_COST", "DataChoice", "NotebookRun", "ParameterError", "Study", "StudyResult", "banner_html", "book_config", "book_toc",
     "build_book", "check_offline_html", "check_parameters", "load_params", "notebook_names", "notebook_parameters",
     "png_data_uri", "repo_dir", "rerun_commands", "resolve_dataset", "resolve_params_path", "run_command",
     "run_notebooks", "run_study", "shown_path", "show_figure", "show_table", "stage_book_sources", "start",

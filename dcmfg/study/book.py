@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,8 @@ class NotebookRun:
     output: str
     parameters: dict
     seconds: float
+    cpu_seconds: float = 0.0  # the notebook's kernel and the worker processes it started
+    runs: list = field(default_factory=list)  # the training runs it asked for: dcmfg.study.Study.run's journal lines
 
 
 @dataclass
@@ -60,13 +63,43 @@ def rerun_commands(param_set: str) -> list[str]:
     return lines
 
 
+def _children_cpu() -> float:
+    """CPU seconds of this process's finished children (a notebook's kernel, reaped at its end, with its workers)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def runs_summary(lines: list[dict]) -> str:
+    """What a notebook did with its training runs, in one line: how many it trained, resumed and reused, and which
+    (by label and seeds)."""
+    if not lines:
+        return "no training runs"
+    parts = []
+    for status in ("trained", "resumed", "reused"):
+        chosen = [x for x in lines if x["status"] == status]
+        if not chosen:
+            continue
+        by_label: dict[str, list] = {}
+        for x in chosen:
+            by_label.setdefault(x["label"], []).append(x["seed"])
+        which = "; ".join(f"{label} seed{'s' if len(s) > 1 else ''} {','.join(map(str, sorted(set(s))))}"
+                          for label, s in by_label.items())
+        extra = ""
+        if status == "resumed":
+            extra = " from their checkpoints (" + ", ".join(f"{x['label']} seed {x['seed']} after epoch "
+                                                           f"{x.get('from_epoch')}" for x in chosen) + ")"
+        parts.append(f"{status} {len(chosen)}{extra}" + (f" [{which}]" if status != "resumed" else ""))
+    return f"{len(lines)} runs: " + ", ".join(parts)
+
+
 def run_notebooks(params: dict, out_dir: Path, notebooks: list[str] | None = None, log=print) -> list[NotebookRun]:
     """Execute the notebooks in order with papermill; each output lands in out_dir with its parameters recorded.
-    A notebook that declares `timings` receives the seconds of those run before it (the appendix)."""
+    A notebook that declares `timings` receives the wall and CPU seconds of those run before it (the appendix).
+    Each notebook's training runs are logged as trained, resumed or reused (found by content in the cache)."""
     import papermill as pm
 
     src = repo_dir() / "notebooks"
-    order = notebooks or notebook_names()
+    order = notebooks or params.get("chapters") or notebook_names()
     unknown = sorted(set(order) - set(notebook_names()))
     if unknown:
         raise ConfigError(f"unknown notebooks {unknown}; the study has {notebook_names()}")
@@ -80,7 +113,9 @@ def run_notebooks(params: dict, out_dir: Path, notebooks: list[str] | None = Non
     for key, value in {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
                        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}.items():
         os.environ.setdefault(key, value)
-    timings: dict[str, float] = {}
+    timings: dict[str, dict] = {}
+    journal_dir = cache_dir() / "study" / "journal"
+    journal_dir.mkdir(parents=True, exist_ok=True)
     for nb in order:
         path = src / f"{nb}.ipynb"
         declared = declared_by[nb]
@@ -92,7 +127,10 @@ def run_notebooks(params: dict, out_dir: Path, notebooks: list[str] | None = Non
         out = out_dir / f"{nb}.ipynb"
         tmp = out_dir / f".{nb}.running.ipynb"
         log(f"[study] {nb}: running with {json.dumps(values, default=str)}")
-        t0 = time.perf_counter()
+        journal = journal_dir / f"{params['name']}-{nb}-{os.getpid()}.jsonl"
+        journal.unlink(missing_ok=True)
+        os.environ["DCMFG_STUDY_JOURNAL"] = str(journal)  # the kernel and its workers append a line per run
+        t0, c0 = time.perf_counter(), _children_cpu()
         try:
             pm.execute_notebook(str(path), str(tmp), parameters=values, kernel_name="python3", progress_bar=False,
                                 cwd=str(repo_dir()))
@@ -100,12 +138,16 @@ def run_notebooks(params: dict, out_dir: Path, notebooks: list[str] | None = Non
             raise DcmfgError(
                 f"{path}: cell {exc.exec_count} failed with {exc.ename}: {exc.evalue} (partial output kept in {tmp})"
             ) from None
+        finally:
+            os.environ.pop("DCMFG_STUDY_JOURNAL", None)
         tag_injected_parameters(tmp)  # the page header shows what papermill injected: its cell leaves the page
         os.replace(tmp, out)  # an earlier good output is replaced only by a complete one
-        dt = time.perf_counter() - t0
-        log(f"[study] {nb}: done in {dt:.1f} s")
-        runs.append(NotebookRun(nb, str(out), values, dt))
-        timings[nb] = round(dt, 1)
+        dt, cpu = time.perf_counter() - t0, _children_cpu() - c0
+        lines = [json.loads(x) for x in journal.read_text().splitlines() if x.strip()] if journal.is_file() else []
+        journal.unlink(missing_ok=True)
+        log(f"[study] {nb}: done in {dt:.1f} s (CPU {cpu:.0f} s); {runs_summary(lines)}")
+        runs.append(NotebookRun(nb, str(out), values, dt, cpu, lines))
+        timings[nb] = {"seconds": round(dt, 1), "cpu_seconds": round(cpu, 1)}
     return runs
 
 
@@ -119,9 +161,35 @@ def stage_book_sources(out_book: Path) -> None:
     shutil.copytree(src, out_book, ignore=ignore, dirs_exist_ok=True)
 
 
-def book_config(book_dir: Path, choice: DataChoice, dest: Path) -> Path:
+def book_toc(book_dir: Path, params: dict, dest: Path) -> Path:
+    """The book's _toc.yml with only the chapters this parameter set runs (the API page goes with the library
+    chapter), and the set's own front page when it names one (`book.root`)."""
+    toc = yaml.safe_load((book_dir / "_toc.yml").read_text())
+    ran = set(params.get("chapters") or notebook_names())
+
+    def kept(entry: dict) -> bool:
+        name = str(entry.get("file", ""))
+        if name.startswith("chapters/"):
+            return name.removeprefix("chapters/") in ran
+        return name != "api" or "12-library" in ran
+
+    parts = []
+    for part in toc.get("parts", []):
+        chapters = [c for c in part.get("chapters", []) if kept(c)]
+        if chapters:
+            parts.append({**part, "chapters": chapters})
+    toc["parts"] = parts
+    if params.get("book", {}).get("root"):
+        toc["root"] = params["book"]["root"]
+    write_text_atomic(dest, "# written by dcmfg study run from book/_toc.yml\n" + yaml.safe_dump(toc, sort_keys=False))
+    return dest
+
+
+def book_config(book_dir: Path, choice: DataChoice, dest: Path, title: str | None = None) -> Path:
     """The book's _config.yml plus a site-wide announcement when the data are synthetic."""
     cfg = yaml.safe_load((book_dir / "_config.yml").read_text())
+    if title:
+        cfg["title"] = title
     if choice.synthetic:
         opts = cfg.setdefault("sphinx", {}).setdefault("config", {}).setdefault("html_theme_options", {})
         opts["announcement"] = "Built from the SYNTHETIC fallback set, not real data: " + choice.reason + "."
@@ -129,12 +197,14 @@ def book_config(book_dir: Path, choice: DataChoice, dest: Path) -> Path:
     return dest
 
 
-def build_book(book_dir: Path, config: Path | None = None, log=print) -> Path:
+def build_book(book_dir: Path, config: Path | None = None, log=print, toc: Path | None = None) -> Path:
     """`jupyter-book build` (offline, notebooks are not executed again); returns the html folder."""
     exe = Path(sys.executable).with_name("jupyter-book")
     cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(book_dir), "--all"]
     if config is not None:
         cmd += ["--config", str(config)]
+    if toc is not None:
+        cmd += ["--toc", str(toc)]
     log("[study] " + " ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -183,10 +253,16 @@ def run_study(params: str | os.PathLike | None = "full", out_book: str | os.Path
     result = StudyResult(p["name"], str(book), None, asdict(choice), runs)
     if not skip_build:
         t1 = time.perf_counter()
-        cfg = book_config(book, choice, cache_dir() / "study" / f"_book_config-{p['name']}.yml")
-        result.html_dir = str(build_book(book, cfg, log=log))
+        cfg = book_config(book, choice, cache_dir() / "study" / f"_book_config-{p['name']}.yml", p["book"].get("title"))
+        toc = book_toc(book, p, cache_dir() / "study" / f"_toc-{p['name']}.yml")
+        result.html_dir = str(build_book(book, cfg, log=log, toc=toc))
         result.build_seconds = time.perf_counter() - t1
     result.seconds = time.perf_counter() - t0
+    times = [{"chapter": r.notebook, "seconds": round(r.seconds, 1), "cpu_seconds": round(r.cpu_seconds, 1),
+              "runs": runs_summary(r.runs)} for r in runs]
+    write_text_atomic(book / "study-times.json", json.dumps({"param_set": p["name"], "chapters": times,
+                                                             "build_seconds": round(result.build_seconds, 1),
+                                                             "seconds": round(result.seconds, 1)}, indent=1))
     log(f"[study] finished in {result.seconds:.0f} s" + (f"; book: {result.html_dir}/index.html" if result.html_dir else ""))
     return result
 

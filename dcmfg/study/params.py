@@ -4,7 +4,9 @@ A notebook's `parameters` cell declares its parameters as annotated assignments 
 `check_parameters` refuses a name the cell does not declare and a value of the wrong type before any work.
 
 A parameter set is a YAML file with a `common:` mapping (passed to every notebook that declares the name) and a
-`notebooks:` mapping of per-notebook values; named sets resolve to configs/study-<name>.yaml.
+`notebooks:` mapping of per-notebook values; named sets resolve to configs/study-<name>.yaml. An edition of the
+book that holds some chapters only lists them under `chapters:` (default: every notebook) and may name its own
+front page under `book: {root: FILE-STEM, title: ...}` (a Markdown file in book/).
 """
 
 from __future__ import annotations
@@ -105,9 +107,10 @@ def load_params(path: str | os.PathLike) -> dict:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with 'common' and 'notebooks', got {type(raw).__name__}")
-    unknown = set(raw) - {"name", "description", "common", "notebooks"}
+    unknown = set(raw) - {"name", "description", "common", "notebooks", "chapters", "book"}
     if unknown:
-        raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)} (allowed: name, description, common, notebooks)")
+        raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)} (allowed: name, description, common, "
+                          f"notebooks, chapters, book)")
     common = raw.get("common") or {}
     notebooks = raw.get("notebooks") or {}
     if not isinstance(common, dict) or not isinstance(notebooks, dict):
@@ -118,11 +121,22 @@ def load_params(path: str | os.PathLike) -> dict:
     for nb, values in notebooks.items():
         if not isinstance(values or {}, dict):
             raise ConfigError(f"{path}: notebooks.{nb} must be a mapping of parameters")
+    chapters = raw.get("chapters") or notebook_names()
+    if not isinstance(chapters, list) or sorted(set(map(str, chapters)) - set(notebook_names())):
+        raise ConfigError(f"{path}: chapters must list notebooks of the study ({', '.join(notebook_names())}), got "
+                          f"{chapters!r}")
+    book = raw.get("book") or {}
+    if not isinstance(book, dict) or set(book) - {"root", "title"}:
+        raise ConfigError(f"{path}: book must be a mapping with root (a Markdown file in book/) and title, got {book!r}")
+    if book.get("root") and not (repo_dir() / "book" / f"{book['root']}.md").is_file():
+        raise ConfigError(f"{path}: book.root {book['root']!r}: no book/{book['root']}.md")
     return {
         "name": str(raw.get("name") or path.stem.removeprefix("study-")),
         "description": str(raw.get("description") or ""),
         "common": common,
         "notebooks": {k: dict(v or {}) for k, v in notebooks.items()},
+        "chapters": [c for c in notebook_names() if c in set(map(str, chapters))],  # run in the study's order
+        "book": {k: str(v) for k, v in book.items()},
         "source": str(path),
     }
 

@@ -174,18 +174,29 @@ class Study:
         identity = hashlib.sha256(f"{config_digest(_without_split_path(cfg))}:{split_sha}".encode()).hexdigest()[:12]
         return cfg, cache_dir() / "runs" / f"{model}-seed{int(seed)}-{identity}"
 
-    def run(self, model: str, seed: int, settings: dict | None = None) -> dict:
+    def run(self, model: str, seed: int, settings: dict | None = None, label: str | None = None,
+            journal: bool = True) -> dict:
         """Train configs/<model>.yaml on one seed's split with `settings` (dotted), or read the finished run back.
-        Returns report.json plus run_dir, seconds, cpu_seconds, reused and history (metrics.jsonl rows)."""
+        Returns report.json plus run_dir, seconds, cpu_seconds, reused and history (metrics.jsonl rows).
+
+        With `journal`, one line (trained, resumed from its checkpoint, or reused) goes to the file named by
+        DCMFG_STUDY_JOURNAL when set: `dcmfg study run` reports from it what each chapter trained and reused."""
         cfg, out = self.run_dir(model, seed, settings)
         done = out / "study-run.json"
         reused = _finished(out)
         if not reused:
             with run_lock(out):  # the run and the study's record of it under one lock (train's own is re-entrant)
                 t0, c0 = time.perf_counter(), time.process_time()
+                resumed_from = _checkpoint_epoch(out)
+                if journal and resumed_from:
+                    _journal(label or model, seed, out, "resumed", from_epoch=resumed_from)
+                elif journal:
+                    _journal(label or model, seed, out, "trained")
                 train_run(cfg, out, data=self.bundle(cfg))
                 write_text_atomic(done, json.dumps({"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
                                                     "model": model, "seed": int(seed), "settings": settings or {}}, default=str))
+        if reused and journal:
+            _journal(label or model, seed, out, "reused")
         info = json.loads(done.read_text())
         history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
         return {**json.loads((out / "report.json").read_text()), "run_dir": str(out), "seconds": info["seconds"],
@@ -200,28 +211,17 @@ class Study:
         beside it."""
         tasks = self._tasks(models, seeds, settings)
         finished = [_finished(self.run_dir(*t[1:])[1]) for t in tasks]
-        self.train_all([(models, seeds, settings)])
-        return [{**self.run(model, seed, extra), "label": label, "reused": was}  # reused: finished before this call
-                for (label, model, seed, extra), was in zip(tasks, finished)]
+        for (label, model, seed, extra), was in zip(tasks, finished):
+            if was:
+                _journal(label, seed, self.run_dir(model, seed, extra)[1], "reused")
+        self.train_all([(models, seeds, settings)])  # what it trains, the worker's `run` records
+        return [{**self.run(model, seed, extra, journal=False), "label": label, "reused": was}  # reused: finished
+                for (label, model, seed, extra), was in zip(tasks, finished)]                     # before this call
 
     def train_all(self, groups) -> None:
         """Train, in one pool, the missing runs of several `runs` calls to come, each given as (models, seeds,
         settings): the cores stay busy until the last run instead of idling at the end of each group."""
-        missing: dict = {}  # run folder -> task: a run two groups share is trained once
-        for t in (t for g in groups for t in self._tasks(*g)):
-            out = self.run_dir(*t[1:])[1]
-            if not _finished(out):
-                missing.setdefault(out, t)
-        todo = list(missing.values())
-        todo.sort(key=lambda t: -RUN_COST.get(t[1], max(RUN_COST.values())))  # longest first: no idle core at the end
-        workers = min(len(todo), _workers(self.base_config().train.device))
-        if workers > 1:
-            params = self.parameters()
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                list(pool.map(_run_in_worker, [(params, model, seed, extra) for _, model, seed, extra in todo]))
-        else:
-            for _, model, seed, extra in todo:
-                self.run(model, seed, extra)
+        train_studies([(self, groups)])
 
     def _tasks(self, models, seeds=None, settings: dict | None = None) -> list[tuple]:
         tasks = []
@@ -245,10 +245,41 @@ class Study:
                      f"({report['n_bank_pairs']} pairs)")
         return (f"{ds.name}{' (SYNTHETIC)' if self.choice.synthetic else ''}, N = {len(ds)}, {self.split_protocol} "
                 f"split (query {self.query}, validation {self.val} of the training pool){sizes}, split seeds "
-                f"{self.seeds}, at most {self.epochs} epochs with patience {self.patience}")
+                f"{self.seeds}, {self.budget_words()}")
+
+    def budget_words(self) -> str:
+        """The training budget as a caption says it: in epochs, or in optimizer steps where the settings give
+        train.max_steps / train.patience_steps (the same budget at every training size)."""
+        tc = self.base_config().train
+        cap = f"at most {tc.max_steps} steps" if tc.max_steps else f"at most {tc.epochs} epochs"
+        wait = f"{tc.patience_steps} steps" if tc.patience_steps else f"{tc.patience} epochs"
+        return f"{cap} of batch {tc.batch_size} with patience {wait}"
 
 
 # --------------------------------------------------------------------------------------------- the pool
+def train_studies(pairs) -> None:
+    """Train in one pool the missing runs of several studies (e.g. one per training size of a learning curve),
+    each given as (study, groups) with `groups` as `Study.train_all` takes them; longest runs first."""
+    missing: dict = {}  # run folder -> (study, task): a run two groups share is trained once
+    for study, groups in pairs:
+        for t in (t for g in groups for t in study._tasks(*g)):
+            out = study.run_dir(*t[1:])[1]
+            if not _finished(out):
+                missing.setdefault(out, (study, t))
+    todo = list(missing.values())
+    todo.sort(key=lambda st: -RUN_COST.get(st[1][1], max(RUN_COST.values())))  # longest first: no idle core at the end
+    if not todo:
+        return
+    workers = min(len(todo), _workers(todo[0][0].base_config().train.device))
+    if workers > 1:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_run_in_worker, [(study.parameters(), model, seed, extra, label)
+                                           for study, (label, model, seed, extra) in todo]))
+    else:
+        for study, (label, model, seed, extra) in todo:
+            study.run(model, seed, extra, label=label)
+
+
 def _workers(device: str) -> int:
     if os.environ.get("DCMFG_WORKERS"):
         return max(1, int(os.environ["DCMFG_WORKERS"]))
@@ -268,8 +299,30 @@ def _finished(out: Path) -> bool:
 
 def _run_in_worker(args) -> None:
     """One run in a spawned worker process (a module-level function, so the worker can import it)."""
-    params, model, seed, settings = args
-    Study.from_parameters(params).run(model, seed, settings)
+    params, model, seed, settings, label = args
+    Study.from_parameters(params).run(model, seed, settings, label=label)
+
+
+def _checkpoint_epoch(out: Path) -> int:
+    """The epoch of the resume point a cut-off run left in `out/last` (0: none)."""
+    state = out / "last" / "state.json"
+    try:
+        return int(json.loads(state.read_text())["loop"]["epoch"]) if state.is_file() else 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0  # a damaged resume point: train() says what is wrong with it
+
+
+def _journal(label: str, seed: int, out: Path, status: str, **extra) -> None:
+    """One line for `dcmfg study run`'s account of the runs (appended whole: workers share the file)."""
+    path = os.environ.get("DCMFG_STUDY_JOURNAL")
+    if not path:
+        return
+    line = json.dumps({"label": str(label), "seed": int(seed), "run": out.name, "status": status, **extra}) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
 
 
 def _without_split_path(cfg):
