@@ -16,7 +16,7 @@ def repo_dir() -> Path:
 
 def notebook_names() -> list[str]:
     """The study's notebooks in run order (file names without .ipynb)."""
-    return sorted(p.stem for p in (repo_dir() / "notebooks").glob("[0-9][0-9]-*.ipynb"))
+    return sorted(p.stem for p in (repo_dir() / "notebooks").glob("[0-9][0-9]*-*.ipynb"))
 
 
 def shown_path(path) -> str:
