@@ -222,7 +222,10 @@ def test_quick_study_builds_an_offline_book_that_renders(quick_study):
     pages = {nb: (html / "chapters" / f"{nb}.html").read_text() for nb in study.notebook_names()}
     # the published book names no path of the build machine (parameter cells included)
     machine = [str(Path.home()), str(REPO), str(tmp_path), os.environ.get("DCMFG_CACHE", "/nonexistent")]
-    for nb, text in pages.items():
+    # ... nor do the executed notebooks the book offers for download (papermill records where it ran)
+    downloads = {p.name: p.read_text() for p in html.rglob("*.ipynb")}
+    assert downloads
+    for nb, text in {**pages, **downloads}.items():
         for path in machine:
             assert path not in text, f"{nb}: shows the build machine's path {path}"
     for nb in ["01-data", "04-benchmark", "06-ablations", "07-interpretability", "08-scaling", "09-comparison"]:

@@ -30,7 +30,7 @@ from IPython.display import HTML, Markdown, display
 
 from dcmfg.fileio import write_text_atomic
 from dcmfg.study.display import table_html
-from dcmfg.study.repo import repo_dir
+from dcmfg.study.repo import repo_dir, shown_path
 from dcmfg.study.stats import BETTER, NO_DIFFERENCE, WORSE
 
 # Jupyter Book (myst-nb) removes a cell with this tag from the page, source and outputs.
@@ -188,6 +188,14 @@ def tag_injected_parameters(path) -> bool:
             found = True
             if REMOVE not in tags:
                 cell.metadata["tags"] = [*tags, REMOVE]
-    if found:
+    # the book offers each executed notebook for download: papermill's record of where it ran names the checkout
+    meta = nb.metadata.get("papermill", {})
+    for key in ("input_path", "output_path"):
+        if meta.get(key):
+            where = Path(meta[key])
+            if where.name.startswith(".") and where.name.endswith(".running.ipynb"):  # the runner's temporary name
+                where = where.with_name(where.name[1:].removesuffix(".running.ipynb") + ".ipynb")
+            meta[key] = shown_path(where)
+    if found or meta:
         write_text_atomic(path, nbformat.writes(nb))
     return found
