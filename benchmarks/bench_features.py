@@ -12,6 +12,7 @@ Ends with one JSON line: {"device", "bare_img_per_s", "extract_img_per_s", "rati
 
     .venv/bin/python benchmarks/bench_features.py                 # 96 real MIRFlickr images, CPU or CUDA (auto)
     .venv/bin/python benchmarks/bench_features.py --device cuda --amp --images 1024 --batch-size 128 --workers 8
+    .venv/bin/python benchmarks/bench_features.py --root ../shared/data-12k/mirflickr-12k --image-size 126
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=FeatureConfig.workers, help="DataLoader worker processes")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", action="store_true", help="autocast on CUDA (both timings)")
+    p.add_argument("--image-size", type=int, default=FeatureConfig.image_size,
+                   help="the image backbone's input side in pixels (features.image_size; DINOv2: a multiple of 14, "
+                        "e.g. 126 holds every pixel of a 128 px photo in 9 x 9 patches)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", default=None, help="append the JSON line to this file")
     args = p.parse_args(argv)
@@ -58,7 +62,7 @@ def main(argv=None) -> int:
         name = "mirflickr25k" if (Path(root) / "mirflickr").is_dir() else "synthetic"
     extra = {"n": args.images, "image_size": 256} if name == "synthetic" else {}
     dataset = load_dataset(name, None if name == "synthetic" else root, **extra)
-    cfg = FeatureConfig(batch_size=args.batch_size, workers=args.workers, amp=args.amp)
+    cfg = FeatureConfig(batch_size=args.batch_size, workers=args.workers, amp=args.amp, image_size=args.image_size)
     line = extraction_throughput(dataset, cfg, device=args.device, images=args.images, repeats=args.repeats,
                                  log=lambda msg: print(msg, file=sys.stderr, flush=True))
     line.update(cpus=os.cpu_count(), torch=torch.__version__, machine=platform.machine(),

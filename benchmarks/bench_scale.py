@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,15 +44,35 @@ SIZES = (20_015, 190_421)
 def run_one(n: int, args) -> dict:
     from dcmfg.config import load_config
     from dcmfg.data import load_dataset
-    from dcmfg.study.scaling import pipeline_cost, real_labels_and_words
+    from dcmfg.engine.data import load_data
+    from dcmfg.study.scaling import pipeline_cost, real_labels_and_words, step_cost, synthetic_features
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     data = os.environ.get("DCMFG_DATA") or str(REPO.parent / "shared" / "data")
-    ds = load_dataset("mirflickr25k", args.label_root or Path(data) / "mirflickr-mini")
+    root = args.label_root or Path(data) / "mirflickr-mini"
+    ds = load_dataset("mirflickr25k", root)
     labels, words = real_labels_and_words(ds)
     cfg = load_config(REPO / "configs" / "dcmfg.yaml", [f"train.batch_size={args.batch_size}"])
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     out = pipeline_cost(n, labels, words, config=cfg, device=args.device, batch_size=args.batch_size,
-                        embed_block=args.embed_block, seed=args.seed,
-                        log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                        embed_block=args.embed_block, seed=args.seed, log=log)
+    if args.reference_steps:
+        # The same training step on the real features of the label source (extracted into the cache once) and on
+        # synthetic features of the same set's shapes: the ratio says whether the synthetic epoch is representative.
+        real = load_data(load_config(REPO / "configs" / "dcmfg.yaml", ["data.name=mirflickr25k", f"data.root={root}",
+                                                                         "train.progress=false"]))
+        syn, y = synthetic_features(len(ds), labels, words, args.seed)
+        both = {name: step_cost(f, lab, np.arange(len(lab)), config=cfg, steps=args.reference_steps,
+                                batch_size=args.batch_size, seed=args.seed, device=args.device)
+                for name, f, lab in (("real", real.feats, real.labels.float()), ("synthetic", syn, y))}
+        out.update({f"{k}_step_s": v["step_s"] for k, v in both.items()},
+                   **{f"{k}_step_cpu_s": v["step_cpu_s"] for k, v in both.items()},
+                   synthetic_vs_real_step=round(both["synthetic"]["step_s"] / both["real"]["step_s"], 3),
+                   epoch_ms_per_pair=round(1000 * out["train_epoch_s"] / out["train"], 3),
+                   real_ms_per_pair=both["real"]["ms_per_pair"])
+        log(f"[{n}] step: real {both['real']['step_s']:.3f} s, synthetic {both['synthetic']['step_s']:.3f} s "
+            f"(ratio {out['synthetic_vs_real_step']:.2f})")
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # the whole process
     out.update(labels=f"{ds.name} ({len(ds)} items)", cpus=os.cpu_count(), torch=torch.__version__,
                machine=platform.machine(), note="one untrained epoch: mAP values only show the pipeline ran",
@@ -66,6 +87,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--embed-block", type=int, default=8192, help="items converted to float32 at a time")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1, as the study trains each run; 0: torch's default)")
+    p.add_argument("--reference-steps", type=int, default=12,
+                   help="training steps timed on the real features of the label source and on synthetic features of "
+                        "its shapes, for the synthetic-vs-real ratio (0: skip)")
     p.add_argument("--label-root", type=Path, default=None, help="MIRFlickr folder whose label matrix to resample")
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # run one size in this process
@@ -75,7 +101,8 @@ def main(argv=None) -> int:
         return 0
     for n in args.sizes:  # each size in a fresh process: its peak memory is its own
         cmd = [sys.executable, __file__, "--one", "--sizes", str(n), "--device", args.device, "--batch-size",
-               str(args.batch_size), "--embed-block", str(args.embed_block), "--seed", str(args.seed)]
+               str(args.batch_size), "--embed-block", str(args.embed_block), "--seed", str(args.seed),
+               "--threads", str(args.threads), "--reference-steps", str(args.reference_steps)]
         if args.label_root:
             cmd += ["--label-root", str(args.label_root)]
         t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)

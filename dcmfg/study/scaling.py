@@ -229,6 +229,41 @@ def pipeline_cost(n: int, labels: np.ndarray, words: np.ndarray, *, config=None,
     return out
 
 
+def step_cost(feats: dict, labels: torch.Tensor, idx, *, config=None, steps: int = 12, batch_size: int = 128,
+              seed: int = 0, device="cpu") -> dict:
+    """Median wall and CPU seconds of one training step (forward, total_loss, backward, AdamW) of the configured
+    model on batches drawn from rows `idx` of `feats` (the first two steps are warm-up, not counted).
+
+    The same code on real cached features and on `synthetic_features` says whether the synthetic set costs what
+    real data cost: a step's work is set by the batch (its graph, tokens and words), not by the size of the set."""
+    dev = resolve_device(str(device))
+    cfg = config if config is not None else Config()
+    torch.manual_seed(seed)
+    model = create_model(cfg.model.name, cfg, feats["image_global"].shape[1], feats["text_global"].shape[1],
+                         labels.shape[1]).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    idx = np.asarray(idx)
+    g = torch.Generator().manual_seed(seed)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # as dcmfg.engine.train runs
+    model.train()
+    times = []
+    try:
+        for _ in range(int(steps) + 2):
+            b = idx[torch.randperm(len(idx), generator=g)[:batch_size].numpy()]
+            with Clock(dev) as c:
+                loss, _ = total_loss(model(take(feats, b, dev)), labels[torch.as_tensor(b)].to(dev), cfg.loss)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            times.append((c.wall, c.cpu))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    wall, cpu = (statistics.median(x[i] for x in times[2:]) for i in (0, 1))
+    return {"step_s": round(wall, 4), "step_cpu_s": round(cpu, 4), "ms_per_pair": round(1000 * wall / batch_size, 3),
+            "steps": int(steps), "batch_size": int(batch_size)}
+
+
 def real_labels_and_words(dataset) -> tuple[np.ndarray, np.ndarray]:
     """A dataset's label matrix and per-item word counts (capped at 32, the default max_words)."""
     words = np.array([min(32, max(1, len(t.split()))) for t in dataset.texts])
