@@ -134,3 +134,47 @@ def test_runs_trained_side_by_side_equal_runs_trained_one_at_a_time(tmp_path, mo
         assert [r["reused"] for r in reports] == [False] * 4
         results[workers] = [(r["model"], r["seed"], r["map_i2t"], r["map_t2i"], r["best_epoch"]) for r in reports]
     assert results["2"] == results["1"] and len(results["1"]) == 4
+
+
+@pytest.mark.slow
+def test_a_study_run_cut_off_resumes_from_its_checkpoint_with_the_same_numbers(tmp_path, monkeypatch):
+    """A study killed mid-run (the machine went away) and started again: the run resumes from its checkpoint, the
+    runner's journal says so, and the numbers are those of a run never interrupted."""
+    import signal
+    import time
+
+    params = {"dataset": "synthetic", "synthetic_n": 48, "seeds": [0], "epochs": 8, "patience": 8,
+              "settings": {"train.batch_size": 16, "graph.k": 4, "model.dim": 64, "model.hidden": 64,
+                           "train.val_every": 1}}
+    shared = Path(os.environ["DCMFG_CACHE"])
+    caches = {}
+    for name in ("ref", "cut"):
+        cache = caches[name] = tmp_path / f"cache-{name}"
+        cache.mkdir()
+        for part in ("weights", "features"):
+            (shared / part).mkdir(exist_ok=True)
+            (cache / part).symlink_to(shared / part, target_is_directory=True)
+    monkeypatch.setenv("DCMFG_CACHE", str(caches["ref"]))
+    ref = study.Study.from_parameters(params).run("dcmfg", 0)
+
+    monkeypatch.setenv("DCMFG_CACHE", str(caches["cut"]))
+    s = study.Study.from_parameters(params)
+    s.bundle(s.config("dcmfg", 0))  # features ready: the child below starts training at once
+    out = s.run_dir("dcmfg", 0)[1]
+    code = (f"from dcmfg import study; study.Study.from_parameters({params!r}).run('dcmfg', 0)")
+    child = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "DCMFG_CACHE": str(caches["cut"])})
+    deadline = time.time() + 300
+    while not (out / "last" / "state.json").is_file() and time.time() < deadline and child.poll() is None:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    epoch = json.loads((out / "last" / "state.json").read_text())["loop"]["epoch"]
+    assert not (out / "report.json").exists() and 0 < epoch < 8
+
+    journal = tmp_path / "journal.jsonl"
+    monkeypatch.setenv("DCMFG_STUDY_JOURNAL", str(journal))
+    again = s.run("dcmfg", 0)
+    lines = [json.loads(x) for x in journal.read_text().splitlines()]
+    assert lines[0]["status"] == "resumed" and lines[0]["from_epoch"] == epoch
+    assert (again["map_i2t"], again["map_t2i"], again["best_epoch"]) == (ref["map_i2t"], ref["map_t2i"], ref["best_epoch"])
+    assert [h["loss"] for h in again["history"]] == [h["loss"] for h in ref["history"]]
