@@ -43,7 +43,7 @@ def test_a_gain_that_grows_with_every_doubling_is_called_growing():
     frame = _frame([0.010, 0.012, 0.008, 0.011, 0.009])
     slopes = lc.trend(frame).set_index("measure")
     assert list(slopes["verdict"]) == [lc.GROWS, lc.GROWS]
-    assert slopes.loc["I->T", "gain per doubling [95% t interval]"].startswith("+0.0100 [")
+    assert slopes.loc["I->T", "difference [95% t interval]"].startswith("+0.0100 [")
     assert (slopes["seeds"] == 5).all()
 
 
@@ -57,7 +57,7 @@ def test_trend_slopes_are_least_squares_on_log2_size():
     row = lc.trend(frame).iloc[0]
     part = frame[frame["seed"] == 0].pivot_table(index="train pairs", columns="arm", values="I->T")
     expect = oracle_slope(np.log2(part.index.to_numpy()), part[lc.REFERENCE] - part[lc.CONTROL])
-    assert row["gain per doubling [95% t interval]"] == f"{expect:+.4f}" and row["seeds"] == 1
+    assert row["difference [95% t interval]"] == f"{expect:+.4f}" and row["seeds"] == 1
 
 
 def test_the_gain_table_pairs_each_size_and_the_note_quotes_its_verdicts():
@@ -92,3 +92,13 @@ def test_pools_of_every_size_share_the_queries_and_database_and_are_nested(proto
     pools = [set(s["train"].tolist()) | set(s["val"].tolist()) for s in splits]
     assert pools[0] < pools[1] < pools[2]
     assert [len(p) for p in pools] == [50, 100, 320]
+
+
+def test_the_trend_table_draws_as_a_forest_plot_with_its_own_verdicts():
+    from dcmfg.study import forest
+
+    slopes = lc.trend(_frame([0.010, 0.012, 0.008, 0.011, 0.009]))
+    assert forest.is_paired(slopes)
+    data = forest.intervals(slopes)
+    assert list(data["verdict"]) == [lc.GROWS, lc.GROWS] and list(data["measure"]) == ["I->T", "T->I"]
+    forest.forest_figure(slopes, "slope")  # draws, the legend naming "grows"

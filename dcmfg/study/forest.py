@@ -26,15 +26,17 @@ from matplotlib.lines import Line2D
 
 from dcmfg.study.display import show_figure
 from dcmfg.study.page import details_html, prose, table_html
-from dcmfg.study.stats import BETTER, NO_DIFFERENCE, NO_INTERVAL, WORSE
+from dcmfg.study.stats import BETTER, GROWS, NO_DIFFERENCE, NO_INTERVAL, NO_TREND, SHRINKS, WORSE
 from dcmfg.study.tables import INTERVAL as LONG_INTERVAL
 _WIDE_INTERVAL = re.compile(r"^(?P<measure>.+): variant - (?P<reference>.+) \[95% t interval\]$")
 _NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|[+-]?nan|[+-]?inf"
 _CELL = re.compile(rf"^\s*(?P<mean>{_NUMBER})\s*(?:\[\s*(?P<low>{_NUMBER})\s*,\s*(?P<high>{_NUMBER})\s*\])?\s*$")
 
-COLOURS = {BETTER: "#1a9850", WORSE: "#d73027", NO_DIFFERENCE: "#4575b4", NO_INTERVAL: "#7f7f7f"}
+COLOURS = {BETTER: "#1a9850", WORSE: "#d73027", NO_DIFFERENCE: "#4575b4", NO_INTERVAL: "#7f7f7f",
+           GROWS: "#1a9850", SHRINKS: "#d73027", NO_TREND: "#4575b4"}
 MEANING = {BETTER: "the whole interval above 0", WORSE: "the whole interval below 0",
-           NO_DIFFERENCE: "the interval contains 0", NO_INTERVAL: ""}
+           NO_DIFFERENCE: "the interval contains 0", NO_INTERVAL: "",
+           GROWS: "the whole interval above 0", SHRINKS: "the whole interval below 0", NO_TREND: "the interval contains 0"}
 
 
 def parse_interval(cell) -> tuple[float, float, float]:
@@ -141,7 +143,7 @@ def forest_figure(table: pd.DataFrame, xlabel: str, width: float = 8.0):
     axes[0][0].set_xlim(-span, span)
     axes[0][0].set_yticks(list(ys.values()), list(ys.keys()), fontsize=9)
     axes[0][0].set_ylim(-0.6, len(labels) - 0.4)
-    shown = [v for v in (BETTER, NO_DIFFERENCE, WORSE, NO_INTERVAL) if v in set(data["verdict"])]
+    shown = [v for v in (BETTER, NO_DIFFERENCE, WORSE, GROWS, NO_TREND, SHRINKS, NO_INTERVAL) if v in set(data["verdict"])]
     shown += sorted(set(data["verdict"]) - set(shown))
     handles = [Line2D([0], [0], color=COLOURS.get(v, "#000000"), marker="o", lw=2.2,
                       markerfacecolor=COLOURS.get(v, "#000000") if v != NO_INTERVAL else "white",

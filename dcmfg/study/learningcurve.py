@@ -24,13 +24,14 @@ import numpy as np
 import pandas as pd
 
 from dcmfg.study.graphstudy import DIRECTIONS, helps
-from dcmfg.study.stats import BETTER, NO_DIFFERENCE, WORSE, format_interval, paired_difference
+from dcmfg.study.stats import (BETTER, GROWS, NO_DIFFERENCE, NO_TREND, SHRINKS, WORSE, format_interval,
+                               paired_difference)
 from dcmfg.study.study import Study, train_studies
-from dcmfg.study.tables import interval_table
+from dcmfg.study.tables import INTERVAL, interval_table
 
 REFERENCE, CONTROL = "DCMFG", "layers=0"
 ARMS = [(REFERENCE, "dcmfg", {}), (CONTROL, "dcmfg", {"model.layers": 0})]
-GROWS, SHRINKS, NO_TREND = "grows", "shrinks", "no detectable trend"
+TREND = f"slope of ({REFERENCE} - {CONTROL}) on log2(training pairs)"
 
 
 def size_studies(s: Study, sizes) -> list[Study]:
@@ -94,7 +95,8 @@ def trend(frame: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
     """Does the paired gain grow with the size? Per seed and direction, the least-squares slope of the gain on
     log2(training pairs) (gain per doubling of the data); the slopes over seeds, with their t interval and a
     verdict: "grows" (interval above 0), "shrinks" (below) or "no detectable trend". Seeds measured at fewer than
-    two sizes are left out."""
+    two sizes are left out. A long paired table (comparison, measure, the interval, seeds, verdict): it gets a
+    forest plot like the gains."""
     rows = []
     wide = frame.pivot_table(index=["seed", "train pairs"], columns="arm", values=list(DIRECTIONS))
     for d in DIRECTIONS:
@@ -109,8 +111,8 @@ def trend(frame: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
             slopes.append(float(np.polyfit(x, gain.to_numpy(dtype=float), 1)[0]))
         stats = paired_difference(slopes, np.zeros(len(slopes)), confidence)
         verdict = {BETTER: GROWS, WORSE: SHRINKS, NO_DIFFERENCE: NO_TREND}.get(stats["verdict"], stats["verdict"])
-        rows.append({"measure": d, "gain per doubling [95% t interval]": format_interval(stats),
-                     "seeds": stats["n"], "verdict": verdict})
+        rows.append({"comparison": TREND, "measure": d, INTERVAL: format_interval(stats), "seeds": stats["n"],
+                     "verdict": verdict})
     return pd.DataFrame(rows)
 
 
@@ -202,7 +204,7 @@ def closing_note(gains: pd.DataFrame, slopes: pd.DataFrame, frame: pd.DataFrame)
         lines.append(f"At {int(n)} training pairs, DCMFG against the same model without graph layers "
                      f"{helps(gains, comparison)}: {bits}.")
     if not slopes.empty:
-        bits = "; ".join(f"{r['measure']} {r['verdict']} ({r['gain per doubling [95% t interval]']} mAP per doubling, "
+        bits = "; ".join(f"{r['measure']} {r['verdict']} ({r[INTERVAL]} mAP per doubling, "
                          f"{r['seeds']} seeds)" for r in slopes.to_dict("records"))
         lines.append(f"As the training data grow, the gain: {bits}.")
     late = frame[~frame["converged"]]

@@ -15,6 +15,8 @@ import numpy as np
 from scipy.stats import t as student_t
 
 BETTER, WORSE, NO_DIFFERENCE, NO_INTERVAL = "better", "worse", "no detectable difference", "one seed: no interval"
+# the same interval read as a trend (a slope over seeds, e.g. of a gain against the training size)
+GROWS, SHRINKS, NO_TREND = "grows", "shrinks", "no detectable trend"
 
 
 def t_critical(n: int, confidence: float = 0.95) -> float:
