@@ -18,7 +18,6 @@ Ends with one JSON line: {"device", "bare_img_per_s", "extract_img_per_s", "rati
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dcmfg.config import FeatureConfig  # noqa: E402
 from dcmfg.data import load_dataset  # noqa: E402
 from dcmfg.study.scaling import extraction_throughput  # noqa: E402
+from benchmarks.jsonl import emit  # noqa: E402
 
 
 def default_root() -> Path:
@@ -67,11 +67,7 @@ def main(argv=None) -> int:
                                  log=lambda msg: print(msg, file=sys.stderr, flush=True))
     line.update(cpus=os.cpu_count(), torch=torch.__version__, machine=platform.machine(),
                 time=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    text = json.dumps(line)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text + "\n")
-    print(text)
+    emit([line], args.out)
     return 0
 
 

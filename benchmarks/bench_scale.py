@@ -38,6 +38,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.jsonl import emit  # noqa: E402
+
 SIZES = (20_015, 190_421)
 
 
@@ -114,11 +116,7 @@ def main(argv=None) -> int:
         line = json.loads(done.stdout.strip().splitlines()[-1])
         line["total_s"] = round(time.perf_counter() - t0, 1)
         line["total_cpu_s"] = round(c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime, 1)
-        text = json.dumps(line)
-        print(text, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(text + "\n")
+        emit([line], args.out)
     return 0
 
 

@@ -16,13 +16,14 @@ Prints a table and one JSON line per comparison.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.jsonl import emit  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -75,12 +76,7 @@ def main(argv=None) -> int:
                 "bare_img_per_s", "extract_img_per_s", "ratio", "cpu_ratio", "bare_cpu_s", "extract_cpu_s")}})
             print(f"extraction at {size} px: bare {speed['bare_img_per_s']:.2f} img/s, extraction "
                   f"{speed['extract_img_per_s']:.2f} img/s (ratio {speed['ratio']:.2f})")
-    for line in lines:
-        text = json.dumps(line)
-        print(text)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(text + "\n")
+    emit(lines, args.out)
     return 0
 
 
