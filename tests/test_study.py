@@ -58,7 +58,7 @@ def test_an_edition_runs_its_chapters_and_its_book_lists_only_them(tmp_path):
 
 
 def test_the_runner_says_what_each_chapter_trained_resumed_and_reused():
-    from dcmfg.study.book import runs_summary
+    from dcmfg.study.book import one_line_per_run, runs_summary
 
     lines = [{"label": "DCMFG", "seed": 0, "status": "reused"}, {"label": "DCMFG", "seed": 1, "status": "reused"},
              {"label": "layers=0", "seed": 0, "status": "trained"},
@@ -66,6 +66,12 @@ def test_the_runner_says_what_each_chapter_trained_resumed_and_reused():
     assert runs_summary(lines) == ("4 runs: trained 1 [layers=0 seed 0], resumed 1 from their checkpoints (linear seed 2 "
                                    "after epoch 12), reused 2 [DCMFG seeds 0,1]")
     assert runs_summary([]) == "no training runs"
+    # trained in one pool, then read back (train_all, then runs), or read twice: each run counted once, as trained
+    journal = [{"label": "DCMFG", "seed": 0, "run": "a", "status": "reused"},
+               {"label": "DCMFG", "seed": 0, "run": "a", "status": "trained"},
+               {"label": "DCMFG", "seed": 1, "run": "b", "status": "reused"},
+               {"label": "DCMFG", "seed": 1, "run": "b", "status": "reused"}]
+    assert runs_summary(one_line_per_run(journal)) == "2 runs: trained 1 [DCMFG seed 0], reused 1 [DCMFG seed 1]"
 
 
 def test_a_run_journal_line_per_run_trained_resumed_or_reused(tmp_path, monkeypatch):

@@ -69,6 +69,18 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def one_line_per_run(lines: list[dict]) -> list[dict]:
+    """A chapter's journal with each run folder once: a chapter that trains its runs in one pool and then reads them
+    back (`Study.train_all`, then `Study.runs`), or reads a run twice, journals it more than once; what it did to the
+    run is the first line of trained or resumed, else reused."""
+    first: dict[str, dict] = {}
+    for x in lines:
+        key = x.get("run") or f"{x['label']}:{x['seed']}"
+        if key not in first or (first[key]["status"] == "reused" and x["status"] != "reused"):
+            first[key] = x
+    return list(first.values())
+
+
 def runs_summary(lines: list[dict]) -> str:
     """What a notebook did with its training runs, in one line: how many it trained, resumed and reused, and which
     (by label and seeds)."""
@@ -143,7 +155,8 @@ def run_notebooks(params: dict, out_dir: Path, notebooks: list[str] | None = Non
         tag_injected_parameters(tmp)  # the page header shows what papermill injected: its cell leaves the page
         os.replace(tmp, out)  # an earlier good output is replaced only by a complete one
         dt, cpu = time.perf_counter() - t0, _children_cpu() - c0
-        lines = [json.loads(x) for x in journal.read_text().splitlines() if x.strip()] if journal.is_file() else []
+        lines = one_line_per_run([json.loads(x) for x in journal.read_text().splitlines() if x.strip()]
+                                 if journal.is_file() else [])
         journal.unlink(missing_ok=True)
         log(f"[study] {nb}: done in {dt:.1f} s (CPU {cpu:.0f} s); {runs_summary(lines)}")
         runs.append(NotebookRun(nb, str(out), values, dt, cpu, lines))

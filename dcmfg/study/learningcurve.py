@@ -23,14 +23,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from dcmfg.study.graphstudy import DIRECTIONS, helps
+from dcmfg.study.forest import COLOURS, intervals
+from dcmfg.study.graphstudy import CONTROLS, DIRECTIONS, REFERENCE, helps, mean_table
 from dcmfg.study.stats import (BETTER, GROWS, NO_DIFFERENCE, NO_TREND, SHRINKS, WORSE, format_interval,
                                paired_difference)
 from dcmfg.study.study import Study, train_studies
 from dcmfg.study.tables import INTERVAL, interval_table
 
-REFERENCE, CONTROL = "DCMFG", "layers=0"
-ARMS = [(REFERENCE, "dcmfg", {}), (CONTROL, "dcmfg", {"model.layers": 0})]
+# chapter 5's DCMFG and its primary control, the same arms (so the protocol's own size reuses chapter 5's runs)
+ARMS = CONTROLS[:2]
+CONTROL = ARMS[1][0]
 TREND = f"slope of ({REFERENCE} - {CONTROL}) on log2(training pairs)"
 
 
@@ -72,12 +74,21 @@ def curve_frame(reports: list[dict]) -> pd.DataFrame:
 def curve_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Both arms at every size: mean ± std over seeds of the query and validation mAP, the mutual share and the CPU
     seconds; the best epoch and epochs run of each seed."""
-    from dcmfg.study.graphstudy import mean_table
-
     keyed = frame.assign(row=[f"{int(n)} pairs, {a}" for n, a in zip(frame["train pairs"], frame["arm"])])
     table = mean_table(keyed, "row", ["I->T", "T->I", "val mAP", "best epoch", "epochs run", "steps run",
                                       "query mutual share", "CPU seconds"])
     return table.rename(columns={"row": "size, arm"})
+
+
+def comparison(n: int) -> str:
+    """The name of the paired comparison at `n` training pairs (a row label of `gain_table`)."""
+    return f"{REFERENCE} - {CONTROL}, {int(n)} training pairs"
+
+
+def unconverged(frame: pd.DataFrame) -> list[str]:
+    """The runs of `curve_frame` whose best validation epoch is their last (still improving at the cap)."""
+    late = frame[~frame["converged"]]
+    return [f"{r['arm']} seed {r['seed']} at {r['train pairs']} pairs" for r in late.to_dict("records")]
 
 
 def gain_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -87,7 +98,7 @@ def gain_table(frame: pd.DataFrame) -> pd.DataFrame:
                            group=["train pairs"])
     if table.empty:
         return table
-    table["comparison"] = [f"{REFERENCE} - {CONTROL}, {int(n)} training pairs" for n in table["train pairs"]]
+    table["comparison"] = [comparison(n) for n in table["train pairs"]]
     return table
 
 
@@ -120,8 +131,6 @@ def curve_figure(frame: pd.DataFrame, gains: pd.DataFrame):
     """Three panels against the training size (log scale): query mAP@all of both arms (mean ± std over seeds), the
     paired gain with its 95 % t interval (zero dashed), and the share of queries with a genuine mutual bank
     neighbour (DCMFG)."""
-    from dcmfg.study.forest import COLOURS, intervals
-
     fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.6), layout="constrained")
     sizes = sorted(frame["train pairs"].unique())
     markers = {"I->T": "o", "T->I": "s"}
@@ -197,18 +206,17 @@ def closing_note(gains: pd.DataFrame, slopes: pd.DataFrame, frame: pd.DataFrame)
     """The chapter's conclusion, every verdict computed from the tables above."""
     lines = []
     for n in sorted(gains["train pairs"].unique()):
-        comparison = f"{REFERENCE} - {CONTROL}, {int(n)} training pairs"
-        part = gains[gains["comparison"] == comparison]
-        bits = "; ".join(f"{r['measure']} {r['verdict']} ({r['difference [95% t interval]']}, {r['seeds']} seeds)"
+        part = gains[gains["comparison"] == comparison(n)]
+        bits = "; ".join(f"{r['measure']} {r['verdict']} ({r[INTERVAL]}, {r['seeds']} seeds)"
                          for r in part.to_dict("records"))
         lines.append(f"At {int(n)} training pairs, DCMFG against the same model without graph layers "
-                     f"{helps(gains, comparison)}: {bits}.")
+                     f"{helps(gains, comparison(n))}: {bits}.")
     if not slopes.empty:
         bits = "; ".join(f"{r['measure']} {r['verdict']} ({r[INTERVAL]} mAP per doubling, "
                          f"{r['seeds']} seeds)" for r in slopes.to_dict("records"))
         lines.append(f"As the training data grow, the gain: {bits}.")
-    late = frame[~frame["converged"]]
-    lines.append("Every run stopped early: its best validation epoch is not its last." if late.empty else
+    late = unconverged(frame)
+    lines.append("Every run stopped early: its best validation epoch is not its last." if not late else
                  f"{len(late)} of {len(frame)} runs ended at their best epoch (still improving): their sizes' gains "
                  f"are not those of converged models.")
     return "\n".join(lines)

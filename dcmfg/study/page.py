@@ -178,7 +178,8 @@ def collapsed_table(df, caption: str, summary: str, precision: int = 4, index: b
 # --------------------------------------------------------------------------------------------- the runner's hook
 def tag_injected_parameters(path) -> bool:
     """Give papermill's injected-parameters cell of an executed notebook the `remove-cell` tag (the page header
-    shows what it set), in place; returns whether the notebook had such a cell."""
+    shows what it set), and make papermill's record of the input and output paths repository-relative (the book
+    offers the notebook for download), in place; returns whether the notebook had such a cell."""
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
     found = False
@@ -188,7 +189,6 @@ def tag_injected_parameters(path) -> bool:
             found = True
             if REMOVE not in tags:
                 cell.metadata["tags"] = [*tags, REMOVE]
-    # the book offers each executed notebook for download: papermill's record of where it ran names the checkout
     meta = nb.metadata.get("papermill", {})
     for key in ("input_path", "output_path"):
         if meta.get(key):

@@ -210,10 +210,11 @@ class Study:
         uses one thread (train.threads = 1, set for the whole study), so its numbers do not depend on how many ran
         beside it."""
         tasks = self._tasks(models, seeds, settings)
-        finished = [_finished(self.run_dir(*t[1:])[1]) for t in tasks]
-        for (label, model, seed, extra), was in zip(tasks, finished):
+        outs = [self.run_dir(*t[1:])[1] for t in tasks]
+        finished = [_finished(out) for out in outs]
+        for (label, _, seed, _), out, was in zip(tasks, outs, finished):
             if was:
-                _journal(label, seed, self.run_dir(model, seed, extra)[1], "reused")
+                _journal(label, seed, out, "reused")
         self.train_all([(models, seeds, settings)])  # what it trains, the worker's `run` records
         return [{**self.run(model, seed, extra, journal=False), "label": label, "reused": was}  # reused: finished
                 for (label, model, seed, extra), was in zip(tasks, finished)]                     # before this call
