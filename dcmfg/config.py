@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -401,4 +402,7 @@ def config_digest(cfg: Config) -> str:
     for (section, key), off in SWITCHED_OFF.items():  # a switch added later, left off: the run is the same run
         if values[section].get(key) == off:
             values[section].pop(key)
+    for key in ("root", "split"):  # one folder spelled two ways (a/../b, a symlink) is one run
+        if values["data"].get(key):
+            values["data"][key] = os.path.realpath(values["data"][key])
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]

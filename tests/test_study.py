@@ -148,6 +148,18 @@ def test_real_dataset_is_found_under_the_data_folder(mirflickr_root):
     assert Path(os.path.expandvars(c.root)).resolve() == mirflickr_root.resolve()  # shown as $DCMFG_DATA/...
 
 
+
+def test_one_data_folder_spelled_two_ways_is_one_run(mirflickr_root, tmp_path):
+    # `make study` spells the folder <repo>/../shared/...; a script may spell it resolved or through a symlink.
+    # A run found by content must be found again whichever spelling reached it.
+    link = tmp_path / "data"
+    link.symlink_to(mirflickr_root.resolve(), target_is_directory=True)
+    dotted = mirflickr_root.resolve().parent / ".." / mirflickr_root.resolve().parent.name / mirflickr_root.name
+    params = {"dataset": "mirflickr25k", "query": 146, "seeds": [0], "epochs": 2}
+    folders = {study.Study.from_parameters({**params, "data_root": str(root)}).run_dir("dcmfg", 0)[1].name
+               for root in (mirflickr_root.resolve(), link, dotted)}
+    assert len(folders) == 1, folders
+
 # ------------------------------------------------------------------------------------------ offline HTML
 def test_offline_check_flags_external_scripts_and_styles(tmp_path):
     (tmp_path / "ok.html").write_text(
