@@ -168,8 +168,9 @@ def test_a_study_run_cut_off_resumes_from_its_checkpoint_with_the_same_numbers(t
         time.sleep(0.05)
     child.send_signal(signal.SIGKILL)
     child.wait()
-    epoch = json.loads((out / "last" / "state.json").read_text())["loop"]["epoch"]
-    assert not (out / "report.json").exists() and 0 < epoch < 8
+    point = json.loads((out / "last" / "state.json").read_text())["loop"]
+    epoch = point["epoch"]
+    assert not (out / "report.json").exists() and 0 < epoch < 8 and point["seconds"] > 0 and point["cpu_seconds"] > 0
 
     journal = tmp_path / "journal.jsonl"
     monkeypatch.setenv("DCMFG_STUDY_JOURNAL", str(journal))
@@ -178,3 +179,6 @@ def test_a_study_run_cut_off_resumes_from_its_checkpoint_with_the_same_numbers(t
     assert lines[0]["status"] == "resumed" and lines[0]["from_epoch"] == epoch
     assert (again["map_i2t"], again["map_t2i"], again["best_epoch"]) == (ref["map_i2t"], ref["map_t2i"], ref["best_epoch"])
     assert [h["loss"] for h in again["history"]] == [h["loss"] for h in ref["history"]]
+    # the time it spent before the kill is counted: the resumed run's clock starts from its resume point
+    assert again["seconds"] > point["seconds"] and again["train_seconds"] > point["seconds"]
+    assert again["cpu_seconds"] > point["cpu_seconds"]

@@ -75,23 +75,37 @@ def test_the_runner_says_what_each_chapter_trained_resumed_and_reused():
 
 
 def test_a_run_journal_line_per_run_trained_resumed_or_reused(tmp_path, monkeypatch):
-    from dcmfg.study.study import _checkpoint_epoch, _journal
+    from dcmfg.study.study import _journal, _resume_point
 
     journal = tmp_path / "journal.jsonl"
     monkeypatch.setenv("DCMFG_STUDY_JOURNAL", str(journal))
     run = tmp_path / "dcmfg-seed0-abc"
     (run / "last").mkdir(parents=True)
-    assert _checkpoint_epoch(run) == 0  # no state.json: nothing to resume
-    (run / "last" / "state.json").write_text(json.dumps({"loop": {"epoch": 8}}))
-    assert _checkpoint_epoch(run) == 8
-    (run / "last" / "state.json").write_text("{damaged")
-    assert _checkpoint_epoch(run) == 0
+    assert _resume_point(run) == {}  # no state.json: nothing to resume
+    (run / "last" / "state.json").write_text(json.dumps({"loop": {"epoch": 8, "seconds": 31.5}}))
+    assert _resume_point(run) == {"epoch": 8, "seconds": 31.5}
+    for damaged in ("{damaged", json.dumps({"loop": {"epoch": "eight"}}), json.dumps({"loop": [8]})):
+        (run / "last" / "state.json").write_text(damaged)
+        assert _resume_point(run) == {}, damaged
     _journal("DCMFG", 0, run, "resumed", from_epoch=8)
     _journal("DCMFG", 1, run, "reused")
     rows = [json.loads(x) for x in journal.read_text().splitlines()]
     assert rows == [{"label": "DCMFG", "seed": 0, "run": run.name, "status": "resumed", "from_epoch": 8},
                     {"label": "DCMFG", "seed": 1, "run": run.name, "status": "reused"}]
 
+
+def test_a_chapter_is_charged_what_its_runs_cost_when_trained(tmp_path, monkeypatch):
+    from dcmfg.study.book import runs_cpu_seconds
+
+    monkeypatch.setenv("DCMFG_CACHE", str(tmp_path))
+    for name, record in {"a": {"cpu_seconds": 12.5, "seconds": 7.0}, "b": {"cpu_seconds": 30.0}}.items():
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "study-run.json").write_text(json.dumps(record))
+    (tmp_path / "runs" / "damaged").mkdir()
+    (tmp_path / "runs" / "damaged" / "study-run.json").write_text("{")
+    assert runs_cpu_seconds(["a", "b"]) == 42.5
+    assert runs_cpu_seconds(["a", "damaged", "missing"]) == 12.5  # a run without its record adds nothing
+    assert runs_cpu_seconds([]) == 0.0
 
 def test_unknown_set_and_bad_files_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="no study parameter set 'nope'.*known sets: .*quick"):
@@ -237,6 +251,10 @@ def test_quick_study_builds_an_offline_book_that_renders(quick_study):
     for nb, text in {**pages, **downloads}.items():
         for path in machine:
             assert path not in text, f"{nb}: shows the build machine's path {path}"
+    # what each chapter's runs cost when trained (here, or in a build whose runs a later one reuses) is on record
+    times = json.loads((book / "study-times.json").read_text())["chapters"]
+    assert sum(c["runs_cpu_seconds"] for c in times) > 0
+    assert "CPU seconds of the runs first used here" in pages["11-reproducibility"]
     for nb in ["01-data", "04-benchmark", "06-ablations", "07-interpretability", "08-scaling", "09-comparison"]:
         assert "dcmfg-figure" in pages[nb] and "data:image/png;base64," in pages[nb], f"{nb}: no figure"
     for nb in ["01-data", "03-training", "04-benchmark", "06-ablations", "08-scaling", "09-comparison", "11-reproducibility"]:

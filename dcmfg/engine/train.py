@@ -100,6 +100,7 @@ class Trainer:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     meta: dict  # written beside every checkpoint: what the weights were trained for
     budget: Budget  # the epoch cap, patience, validation interval and warm-up of this run, in epochs
+    clock: Clock | None = None  # set once the resume point is read
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,24 @@ class Loop:
     best_epoch: int = -1
     bad_epochs: int = 0
     done: bool = False
+    # time this run has spent, across resumes, up to its last resume point (time after it is lost with a kill)
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+
+
+@dataclass
+class Clock:
+    """The wall and CPU clocks of a run that may be resumed: they continue from the resume point's Loop.seconds."""
+
+    wall0: float
+    cpu0: float
+
+    @classmethod
+    def resuming(cls, loop: Loop) -> Clock:
+        return cls(time.perf_counter() - loop.seconds, time.process_time() - loop.cpu_seconds)
+
+    def stamp(self, loop: Loop) -> None:
+        loop.seconds, loop.cpu_seconds = time.perf_counter() - self.wall0, time.process_time() - self.cpu0
 
 
 # ---------------------------------------------------------------------------------------------- step 1: set-up
@@ -338,6 +357,8 @@ def validate_and_select(s: Session, t: Trainer, data: DataBundle, loop: Loop, te
     record = {"epoch": loop.epoch, "step": loop.step, "lr": t.scheduler.get_last_lr()[0], **terms, **val,
               "best_epoch": loop.best_epoch, "seconds": round(seconds, 3)}
     if s.main:
+        if t.clock:
+            t.clock.stamp(loop)
         meta = {**t.meta, "epoch": loop.epoch, **val}
         try:
             with interrupts_deferred():  # a checkpoint and its metrics line are written whole or not at all
@@ -396,8 +417,8 @@ def finish(s: Session, t: Trainer, data: DataBundle, loop: Loop) -> dict | None:
     if s.main:
         report.update(config=s.cfg.to_dict(), config_digest=t.meta["config_digest"], best_epoch=loop.best_epoch,
                       best_val=loop.best, select_metric=s.cfg.train.select_metric, epochs_run=loop.epoch,
-                      budget=dataclasses.asdict(t.budget),
-                      checkpoint="best", split_sha256=data.split_sha256)
+                      budget=dataclasses.asdict(t.budget), train_seconds=loop.seconds,
+                      train_cpu_seconds=loop.cpu_seconds, checkpoint="best", split_sha256=data.split_sha256)
         try:
             with writing(s.out / "report.json"):
                 write_json_atomic(s.out / "report.json", report)
@@ -439,6 +460,7 @@ def _train_locked(cfg: Config, out: Path, *, resume: bool, overwrite: bool, data
         data = load_run_data(s) if data is None else _with_run_split(s, data)
         t = build(s, data)
         loop, history = resume_state(s, t)
+        t.clock = Clock.resuming(loop)
         while not loop.done:
             t0 = time.time()
             terms = run_epoch(s, t, data, loop)

@@ -37,6 +37,9 @@ class NotebookRun:
     seconds: float
     cpu_seconds: float = 0.0  # the notebook's kernel and the worker processes it started
     runs: list = field(default_factory=list)  # the training runs it asked for: dcmfg.study.Study.run's journal lines
+    # CPU seconds the runs first used by this chapter cost when they were trained (in this build or an earlier one
+    # whose runs it reused): summed over chapters, what the edition costs from an empty cache
+    runs_cpu_seconds: float = 0.0
 
 
 @dataclass
@@ -104,6 +107,17 @@ def runs_summary(lines: list[dict]) -> str:
     return f"{len(lines)} runs: " + ", ".join(parts)
 
 
+def runs_cpu_seconds(names: list[str]) -> float:
+    """The CPU seconds the named run folders cost when trained, resumes included (their study-run.json)."""
+    total = 0.0
+    for name in names:
+        try:
+            total += float(json.loads((cache_dir() / "runs" / name / "study-run.json").read_text())["cpu_seconds"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a run without its record (trained by `dcmfg train`): its time is not known
+    return total
+
+
 def run_notebooks(params: dict, out_dir: Path, notebooks: list[str] | None = None, log=print) -> list[NotebookRun]:
     """Execute the notebooks in order with papermill; each output lands in out_dir with its parameters recorded.
     A notebook that declares `timings` receives the wall and CPU seconds of those run before it (the appendix).
@@ -126,6 +140,7 @@ def run_notebooks(params: dict, out_dir: Path, notebooks: list[str] | None = Non
                        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}.items():
         os.environ.setdefault(key, value)
     timings: dict[str, dict] = {}
+    seen: set[str] = set()  # run folders an earlier chapter of this build already used
     journal_dir = cache_dir() / "study" / "journal"
     journal_dir.mkdir(parents=True, exist_ok=True)
     for nb in order:
@@ -158,9 +173,13 @@ def run_notebooks(params: dict, out_dir: Path, notebooks: list[str] | None = Non
         lines = one_line_per_run([json.loads(x) for x in journal.read_text().splitlines() if x.strip()]
                                  if journal.is_file() else [])
         journal.unlink(missing_ok=True)
-        log(f"[study] {nb}: done in {dt:.1f} s (CPU {cpu:.0f} s); {runs_summary(lines)}")
-        runs.append(NotebookRun(nb, str(out), values, dt, cpu, lines))
-        timings[nb] = {"seconds": round(dt, 1), "cpu_seconds": round(cpu, 1)}
+        first = [x["run"] for x in lines if x.get("run") and x["run"] not in seen]
+        seen.update(first)
+        runs_cpu = runs_cpu_seconds(first)
+        log(f"[study] {nb}: done in {dt:.1f} s (CPU {cpu:.0f} s); {runs_summary(lines)}"
+            + (f"; the {len(first)} runs first used here cost {runs_cpu:.0f} CPU-s when trained" if first else ""))
+        runs.append(NotebookRun(nb, str(out), values, dt, cpu, lines, runs_cpu))
+        timings[nb] = {"seconds": round(dt, 1), "cpu_seconds": round(cpu, 1), "runs_cpu_seconds": round(runs_cpu, 1)}
     return runs
 
 
@@ -272,7 +291,7 @@ def run_study(params: str | os.PathLike | None = "full", out_book: str | os.Path
         result.build_seconds = time.perf_counter() - t1
     result.seconds = time.perf_counter() - t0
     times = [{"chapter": r.notebook, "seconds": round(r.seconds, 1), "cpu_seconds": round(r.cpu_seconds, 1),
-              "runs": runs_summary(r.runs)} for r in runs]
+              "runs_cpu_seconds": round(r.runs_cpu_seconds, 1), "runs": runs_summary(r.runs)} for r in runs]
     write_text_atomic(book / "study-times.json", json.dumps({"param_set": p["name"], "chapters": times,
                                                              "build_seconds": round(result.build_seconds, 1),
                                                              "seconds": round(result.seconds, 1)}, indent=1))

@@ -186,8 +186,11 @@ class Study:
         reused = _finished(out)
         if not reused:
             with run_lock(out):  # the run and the study's record of it under one lock (train's own is re-entrant)
-                t0, c0 = time.perf_counter(), time.process_time()
-                resumed_from = _checkpoint_epoch(out)
+                point = _resume_point(out)
+                resumed_from = int(point.get("epoch", 0))
+                # a resumed run's time includes what it spent before the cut, up to its resume point
+                t0 = time.perf_counter() - float(point.get("seconds", 0.0))
+                c0 = time.process_time() - float(point.get("cpu_seconds", 0.0))
                 if journal and resumed_from:
                     _journal(label or model, seed, out, "resumed", from_epoch=resumed_from)
                 elif journal:
@@ -304,13 +307,16 @@ def _run_in_worker(args) -> None:
     Study.from_parameters(params).run(model, seed, settings, label=label)
 
 
-def _checkpoint_epoch(out: Path) -> int:
-    """The epoch of the resume point a cut-off run left in `out/last` (0: none)."""
+def _resume_point(out: Path) -> dict:
+    """The loop state (epoch, seconds, cpu_seconds, ...) of the resume point a cut-off run left in `out/last`
+    ({}: none)."""
     state = out / "last" / "state.json"
     try:
-        return int(json.loads(state.read_text())["loop"]["epoch"]) if state.is_file() else 0
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0  # a damaged resume point: train() says what is wrong with it
+        loop = json.loads(state.read_text())["loop"] if state.is_file() else {}
+        int(loop.get("epoch", 0)), float(loop.get("seconds", 0.0)), float(loop.get("cpu_seconds", 0.0))
+        return loop
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}  # a damaged resume point: train() says what is wrong with it
 
 
 def _journal(label: str, seed: int, out: Path, status: str, **extra) -> None:
