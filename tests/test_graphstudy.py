@@ -69,3 +69,6 @@ def test_mean_std_cells():
     counts = pd.DataFrame({"arm": ["a", "a", "b"], "best epoch": [8.0, 12.0, 4.0], "I->T": [0.7, 0.8, 0.5]})
     t = gs.mean_table(counts, "arm", ["best epoch", "I->T"]).set_index("arm")
     assert t.loc["a", "best epoch"] == "8, 12" and t.loc["a", "I->T"] == "0.7500 ± 0.0707" and t.loc["b", "I->T"] == "0.5000"
+    costs = pd.DataFrame({"arm": ["a", "a"], "steps run": [1400.0, 980.0], "CPU seconds": [1071.4, 2000.6]})
+    c = gs.mean_table(costs, "arm", ["steps run", "CPU seconds"]).set_index("arm")
+    assert c.loc["a", "steps run"] == "1400, 980" and c.loc["a", "CPU seconds"] == "1,536 ± 657"

@@ -80,6 +80,11 @@ def paired_against(frame: pd.DataFrame, reference: str, values=DIRECTIONS, arm: 
     return interval_table(frame, arm=arm, reference=reference, values=list(values), value_name="measure")
 
 
+# Columns shown as each seed's value ("8, 12") and columns of seconds shown whole, by `mean_table`.
+COUNTS = ("best epoch", "epochs run", "steps run", "seeds")
+SECONDS = ("CPU seconds", "seconds")
+
+
 def mean_table(frame: pd.DataFrame, by: str, values) -> pd.DataFrame:
     """'mean ± std' over seeds per `by` value (in first-seen order); empty where a value was not measured."""
 
@@ -87,8 +92,10 @@ def mean_table(frame: pd.DataFrame, by: str, values) -> pd.DataFrame:
         v = v.dropna()
         if not len(v):
             return ""
-        if bool((v == v.round()).all()) and v.name in ("best epoch", "epochs run", "seeds"):
+        if bool((v == v.round()).all()) and v.name in COUNTS:
             return ", ".join(str(int(x)) for x in v)  # counts: each seed's value
+        if v.name in SECONDS:  # costs: whole seconds, not the 4 decimals of an mAP
+            return f"{v.mean():,.0f}" + (f" ± {v.std(ddof=1):,.0f}" if len(v) > 1 else "")
         return mean_std(v)
 
     return frame.groupby(by, sort=False)[list(values)].agg(cell).reset_index()
