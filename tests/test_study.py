@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import nbformat
@@ -322,3 +323,27 @@ def test_each_notebook_alone_in_a_fresh_cache_gives_the_study_numbers(quick_stud
         for split in cache.glob("study/splits/*/*.json"):
             assert split.read_bytes() == (shared / split.relative_to(cache)).read_bytes(), f"{nb}: {split.name}"
     assert compared > 0
+
+
+def test_a_second_study_waits_for_a_run_another_is_training_and_reads_it_back(tmp_path, monkeypatch, capfd):
+    """Two studies on one cache (two chapters built at once) ask for the same run: the second waits on the run
+    folder's lock and reads the finished run back, instead of failing on the lock or training the run twice."""
+    from dcmfg.engine.checkpoint import RUN_LOCK
+
+    monkeypatch.setenv("DCMFG_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DCMFG_STUDY_JOURNAL", str(tmp_path / "journal.jsonl"))
+    monkeypatch.delenv("DCMFG_DATA", raising=False)  # the synthetic set
+    params = {"synthetic_n": 200, "seeds": [0], "epochs": 15, "patience": 15, "settings": {"train.val_every": 1}}
+    s = study.Study.from_parameters(params)
+    out = s.run_dir("linear", 0)[1]
+    code = f"from dcmfg.study import study; study.Study.from_parameters({params!r}).run('linear', 0)"
+    first = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ))
+    deadline = time.monotonic() + 120
+    while not (out / RUN_LOCK).exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    got = s.run("linear", 0)
+    assert first.wait(timeout=300) == 0
+    assert "waiting for it" in capfd.readouterr().err  # it did wait: the first was still training
+    assert got["reused"] is True and got["history"] and (out / "report.json").is_file()
+    rows = [json.loads(x) for x in (tmp_path / "journal.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["trained", "reused"]  # trained once, by the first

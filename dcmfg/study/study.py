@@ -185,19 +185,23 @@ class Study:
         done = out / "study-run.json"
         reused = _finished(out)
         if not reused:
-            with run_lock(out):  # the run and the study's record of it under one lock (train's own is re-entrant)
-                point = _resume_point(out)
-                resumed_from = int(point.get("epoch", 0))
-                # a resumed run's time includes what it spent before the cut, up to its resume point
-                t0 = time.perf_counter() - float(point.get("seconds", 0.0))
-                c0 = time.process_time() - float(point.get("cpu_seconds", 0.0))
-                if journal and resumed_from:
-                    _journal(label or model, seed, out, "resumed", from_epoch=resumed_from)
-                elif journal:
-                    _journal(label or model, seed, out, "trained")
-                train_run(cfg, out, data=self.bundle(cfg))
-                write_text_atomic(done, json.dumps({"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
-                                                    "model": model, "seed": int(seed), "settings": settings or {}}, default=str))
+            # The run and the study's record of it under one lock (train's own is re-entrant). Another study on this
+            # cache may be training the same run (two chapters built at once): wait for it, then read its run back.
+            with run_lock(out, wait=True):
+                reused = _finished(out)
+                if not reused:
+                    point = _resume_point(out)
+                    resumed_from = int(point.get("epoch", 0))
+                    # a resumed run's time includes what it spent before the cut, up to its resume point
+                    t0 = time.perf_counter() - float(point.get("seconds", 0.0))
+                    c0 = time.process_time() - float(point.get("cpu_seconds", 0.0))
+                    if journal and resumed_from:
+                        _journal(label or model, seed, out, "resumed", from_epoch=resumed_from)
+                    elif journal:
+                        _journal(label or model, seed, out, "trained")
+                    train_run(cfg, out, data=self.bundle(cfg))
+                    write_text_atomic(done, json.dumps({"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+                                                        "model": model, "seed": int(seed), "settings": settings or {}}, default=str))
         if reused and journal:
             _journal(label or model, seed, out, "reused")
         info = json.loads(done.read_text())
