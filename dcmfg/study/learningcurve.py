@@ -216,7 +216,7 @@ def closing_note(gains: pd.DataFrame, slopes: pd.DataFrame, frame: pd.DataFrame)
                          f"{r['seeds']} seeds)" for r in slopes.to_dict("records"))
         lines.append(f"As the training data grow, the gain: {bits}.")
     late = unconverged(frame)
-    lines.append("Every run stopped early: its best validation epoch is not its last." if not late else
+    lines.append("Every run’s best validation epoch comes before its last: none was still improving when it ended." if not late else
                  f"{len(late)} of {len(frame)} runs ended at their best epoch (still improving): their sizes' gains "
                  f"are not those of converged models.")
     return "\n".join(lines)
