@@ -325,6 +325,7 @@ def test_each_notebook_alone_in_a_fresh_cache_gives_the_study_numbers(quick_stud
     assert compared > 0
 
 
+@pytest.mark.slow  # a real second process trains a run (about 10 s idle, a minute on busy cores)
 def test_a_second_study_waits_for_a_run_another_is_training_and_reads_it_back(tmp_path, monkeypatch, capfd):
     """Two studies on one cache (two chapters built at once) ask for the same run: the second waits on the run
     folder's lock and reads the finished run back, instead of failing on the lock or training the run twice."""
