@@ -28,7 +28,7 @@ from dcmfg.study.graphstudy import CONTROLS, DIRECTIONS, REFERENCE, helps, mean_
 from dcmfg.study.stats import (BETTER, GROWS, NO_DIFFERENCE, NO_TREND, SHRINKS, WORSE, format_interval,
                                paired_difference)
 from dcmfg.study.study import Study, train_studies
-from dcmfg.study.tables import INTERVAL, interval_table
+from dcmfg.study.tables import ALL_CONVERGED, INTERVAL, interval_table
 
 # chapter 5's DCMFG and its primary control, the same arms (so the protocol's own size reuses chapter 5's runs)
 ARMS = CONTROLS[:2]
@@ -216,7 +216,7 @@ def closing_note(gains: pd.DataFrame, slopes: pd.DataFrame, frame: pd.DataFrame)
                          f"{r['seeds']} seeds)" for r in slopes.to_dict("records"))
         lines.append(f"As the training data grow, the gain: {bits}.")
     late = unconverged(frame)
-    lines.append("Every run’s best validation epoch comes before its last: none was still improving when it ended." if not late else
+    lines.append(ALL_CONVERGED if not late else
                  f"{len(late)} of {len(frame)} runs ended at their best epoch (still improving): their sizes' gains "
                  f"are not those of converged models.")
     return "\n".join(lines)

@@ -87,6 +87,10 @@ def runs_frame(reports: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# What a page says when no run of it is in `unconverged` (chapters 3, 5 and 5b).
+ALL_CONVERGED = "Every run’s best validation epoch comes before its last: none was still improving when it ended."
+
+
 def unconverged(reports: list[dict]) -> list[str]:
     """Runs whose best validation epoch is their last one (still improving when the budget ended)."""
     out = []
